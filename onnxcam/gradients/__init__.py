@@ -1,0 +1,55 @@
+"""Gradient backends: add d(score)/d(activation) outputs to a model.
+
+Contract shared by every backend: given a model (external data loaded) whose graph computes a scalar
+float tensor ``score`` and the names of intermediate float tensors ``wrt``, return a new model whose
+outputs are the original outputs followed by one output per ``wrt`` tensor, named
+``gradient_name(t)``, holding d score / d t with the shape of ``t``.
+"""
+from __future__ import annotations
+
+import onnx
+
+from ..errors import OnnxcamError
+
+BACKENDS = ("auto", "portable", "ort-training")
+GRADIENT_PREFIX = "onnxcam_grad__"
+
+
+def gradient_name(tensor: str) -> str:
+    """Name of the graph output holding d score / d ``tensor``."""
+    return GRADIENT_PREFIX + tensor
+
+
+def ort_training_available() -> bool:
+    """True when the installed onnxruntime is a training build (it has GradientGraphBuilder)."""
+    try:
+        from onnxruntime.capi._pybind_state import GradientGraphBuilder  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_gradient_model(model: onnx.ModelProto, score: str, wrt: list[str],
+                         backend: str = "auto") -> tuple[onnx.ModelProto, str]:
+    """Return (augmented model, name of the backend used)."""
+    if backend not in BACKENDS:
+        raise OnnxcamError(f"unknown gradient backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from . import portable
+    if backend == "portable":
+        return portable.build(model, score, wrt), "portable"
+    if backend == "ort-training":
+        if not ort_training_available():
+            raise OnnxcamError("--grad-backend ort-training needs a training build of ONNX Runtime; "
+                               "install onnxcam[training-cpu] (or [training]) in its own environment, "
+                               "or use --grad-backend portable")
+        from . import ort_training
+        return ort_training.build(model, score, wrt), "ort-training"
+    missing = portable.unsupported_ops(model, score, wrt)
+    if not missing:
+        return portable.build(model, score, wrt), "portable"
+    if ort_training_available():
+        from . import ort_training
+        return ort_training.build(model, score, wrt), "ort-training"
+    raise OnnxcamError("no portable gradient rule for " + ", ".join(missing)
+                       + "; install onnxcam[training-cpu] for the ort-training backend, or pick a node "
+                       "closer to the output")
