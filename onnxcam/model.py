@@ -1,0 +1,160 @@
+"""Load an ONNX model safely (external data included) and read what onnxcam needs from it.
+
+Every way a model file can be wrong (missing, not ONNX, external weights missing) becomes an
+OnnxcamError with a one-line fix, so the CLI never shows a protobuf traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from .errors import OnnxcamError
+
+PREPROCESS_KEY = "onnxcam.preprocess"
+CLASS_NAMES_KEY = "onnxcam.class_names"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, element type and shape of a graph input or output; symbolic dims are strings or None."""
+    name: str
+    elem_type: int
+    shape: tuple | None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+
+@dataclass
+class LoadedModel:
+    """A model proto with its weights in memory, plus the facts the explainer reads from it."""
+    proto: onnx.ModelProto
+    path: Path | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input(self) -> TensorSpec:
+        """The single data input onnxcam explains."""
+        return self.inputs[0]
+
+    @property
+    def opset(self) -> int:
+        return default_opset(self.proto)
+
+    @property
+    def preprocess(self) -> dict | None:
+        return _json_metadata(self.metadata, PREPROCESS_KEY)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = _json_metadata(self.metadata, CLASS_NAMES_KEY)
+        return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _json_metadata(metadata: dict[str, str], key: str):
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise OnnxcamError(f"model metadata {key!r} is not valid JSON ({exc}); fix or remove it") from exc
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The opset version of the default ONNX domain."""
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise OnnxcamError("the model imports no default ONNX opset; it is not a standard ONNX model")
+
+
+def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
+    tensor_type = value_info.type.tensor_type
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in tensor_type.shape.dim)
+    return TensorSpec(value_info.name, tensor_type.elem_type, shape)
+
+
+def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> LoadedModel:
+    """Load a path or wrap a proto; check it has exactly one float data input."""
+    if isinstance(model, LoadedModel):
+        return model
+    path = None
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        path = Path(model)
+        proto = _read_proto(path)
+    graph = proto.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [tensor_spec(vi) for vi in graph.input if vi.name not in initializers]
+    outputs = [tensor_spec(vi) for vi in graph.output]
+    if not graph.node or not outputs:
+        raise OnnxcamError(f"{_label(path)} has an empty graph; export the model again")
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({names}); onnxcam explains "
+                           "models with exactly one image/signal input")
+    if inputs[0].elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+        raise OnnxcamError(f"input {inputs[0].name!r} of {_label(path)} is not a float tensor; "
+                           "onnxcam needs a float image/signal input")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return LoadedModel(proto, path, inputs, outputs, metadata)
+
+
+def _label(path: Path | None) -> str:
+    return str(path) if path is not None else "the model"
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise OnnxcamError(f"model file {path} does not exist; check the path")
+    if path.is_dir():
+        raise OnnxcamError(f"{path} is a directory, not an ONNX model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
+        raise OnnxcamError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
+                           "pass a .onnx file exported from your framework") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise OnnxcamError(f"{path} is not an ONNX model (no graph found); pass a .onnx file")
+    _load_external_data(proto, path)
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Bring external weights (torch dynamo exports write a .onnx.data file) into the proto."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    external = [t for t in _all_tensors(proto) if uses_external_data(t)]
+    if not external:
+        return
+    base = path.parent
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location is None or not (base / location).exists():
+            raise OnnxcamError(f"{path} keeps its weights in the external file "
+                               f"{base / (location or '?')}, which is missing; copy it next to the model")
+    try:
+        load_external_data_for_model(proto, str(base))
+    except Exception as exc:
+        raise OnnxcamError(f"cannot read the external weights of {path} ({exc}); "
+                           "re-copy the .onnx.data file next to the model") from exc
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
