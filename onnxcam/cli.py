@@ -1,0 +1,225 @@
+"""Command line: a thin shell over the Python API. Parses flags, calls the API, prints results.
+
+Every OnnxcamError becomes one line on stderr and exit code 1; nothing else is printed for it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import click
+
+from .errors import OnnxcamError
+from .gradients import BACKENDS
+from .runtime import PROVIDERS
+
+PROGRESS_MIN_TOTAL = 64
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError as exc:
+        raise OnnxcamError(f"{name} {text!r} must be numbers separated by commas, e.g. 0.485,0.456,0.406") from exc
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.lower().replace("x", ",").replace(" ", ",").split(",") if v]
+    except ValueError as exc:
+        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224") from exc
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224")
+    return (values[0], values[-1])
+
+
+class _Group(click.Group):
+    """Turns OnnxcamError into a one-line message and a non-zero exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OnnxcamError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="onnxcam")
+def main():
+    """Class activation maps (Grad-CAM, Score-CAM, LayerCAM, ...) for any ONNX model."""
+
+
+def _preprocessing(model, size, mean, std, scale, layout, bgr):
+    from .imaging import Preprocessing
+    base = Preprocessing.from_metadata(model.preprocess, model.input.shape)
+    fields = {}
+    if size is not None:
+        fields["size"] = size
+    if mean is not None:
+        fields["mean"] = mean
+    if std is not None:
+        fields["std"] = std
+    if scale is not None:
+        fields["scale"] = scale
+    if layout is not None:
+        fields["layout"] = layout.upper()
+    if bgr:
+        fields["color"] = "BGR"
+    return replace(base, **fields).validated()
+
+
+def _probe_shape(model, preprocessing):
+    shape = model.input.shape
+    if shape is None or len(shape) != 4 or preprocessing.size is None:
+        return None
+    channels = shape[1] if preprocessing.layout == "NCHW" else shape[3]
+    if not isinstance(channels, int) or channels <= 0:
+        channels = len(preprocessing.mean)
+    h, w = preprocessing.size
+    return (1, channels, h, w) if preprocessing.layout == "NCHW" else (1, h, w, channels)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def nodes(model, size, as_json):
+    """List the nodes whose output can be explained, with shapes; * marks the default."""
+    from .model import load_model
+    from .nodes import default_node, format_table, list_candidates
+
+    loaded = load_model(model)
+    preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
+    probe = _probe_shape(loaded, preprocessing)
+    candidates = list_candidates(loaded.proto, {loaded.input.name: probe} if probe else None)
+    if not candidates:
+        raise OnnxcamError(f"{model} has no node with a spatial output (rank 3-5); nothing to explain")
+    default = default_node(candidates, loaded.proto)
+    if as_json:
+        click.echo(json.dumps([{"node": c.name, "op_type": c.op_type, "tensor": c.tensor,
+                                "shape": list(c.shape) if c.shape else None, "scope": c.scope,
+                                "default": c.name == default.name} for c in candidates], indent=2))
+    else:
+        click.echo(format_table(candidates, default))
+
+
+def _progress_printer(label: str):
+    """A progress callback for long Score-CAM runs, drawn on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def progress(done: int, total: int):
+        if total >= PROGRESS_MIN_TOTAL:
+            end = "\n" if done >= total else ""
+            click.echo(f"\r{label}: {done}/{total} masked inputs", err=True, nl=False)
+            if end:
+                click.echo("", err=True)
+    return progress
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--node", "node_specs", multiple=True,
+              help="Node to explain: node name, output tensor, module scope (layer4), scope/op "
+                   "(/layer4/Relu), Keras layer name, or auto. Repeat to fuse several layers.")
+@click.option("--method", default="gradcam", show_default=True,
+              help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam, cam, or all.")
+@click.option("--target", help="Class to explain (index or class name); default: the top class.")
+@click.option("--top-k", type=int, help="Explain each of the K top classes (one map per class).")
+@click.option("--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
+@click.option("--npy", is_flag=True, help="Also save the raw maps as .npy.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Heatmap weight in the overlay.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option("--grad-backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Images per run; masked inputs per run for Score-CAM.")
+@click.option("--max-channels", type=int, help="Score-CAM: keep the K highest-variance channels "
+                                                "(Faster Score-CAM).")
+@click.option("--size", help="Resize inputs to HEIGHT,WIDTH (default: model metadata / input shape).")
+@click.option("--mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Per-channel std divided by, e.g. 0.229,0.224,0.225.")
+@click.option("--scale", type=float, help="Pixel scale applied first (default 1/255).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+              help="Input layout (default: model metadata or detected from the input shape).")
+@click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
+@click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
+@click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
+            grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
+            overwrite):
+    """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
+    from .explainer import Explainer
+    from .files import FileExplainer, collect_inputs
+    from .methods import get_method
+    from .model import load_model
+
+    if batch_size < 1:
+        raise OnnxcamError("--batch-size must be at least 1")
+    if top_k is not None and top_k < 1:
+        raise OnnxcamError("--top-k must be at least 1")
+    loaded = load_model(model)
+    paths = collect_inputs(list(inputs))
+    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
+                                   scale, layout, bgr)
+    explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
+                          layout=preprocessing.layout, probabilities=probabilities,
+                          input_shape=_probe_shape(loaded, preprocessing))
+    methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
+    runner = FileExplainer(explainer, preprocessing, out_dir, methods, target=_target(target, loaded),
+                           top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
+                           overwrite=overwrite, max_channels=max_channels,
+                           progress=_progress_printer("score-cam"))
+    summaries = []
+    for result in runner.run(paths):
+        summaries.append(result.summary())
+        if not as_json:
+            name = f" ({result.class_name})" if result.class_name else ""
+            rank = f" top{result.rank}" if top_k else ""
+            click.echo(f"{result.path}: class {result.target}{name}{rank} score {result.score:.4f} "
+                       f"node {','.join(result.nodes)} {result.method} {result.seconds * 1000:.1f} ms"
+                       f" -> {', '.join(str(p) for p in result.written)}")
+    if runner.skipped and not as_json:
+        click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
+                               "skipped": runner.skipped, "results": summaries}, indent=2))
+
+
+def _target(text: str | None, model):
+    if text is None:
+        return None
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = model.class_names or []
+    lowered = [n.lower() for n in names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise OnnxcamError(f"--target {text!r} is neither a class index nor a class name of this model")
+
+
+def applicable_methods(explainer) -> list[str]:
+    """Every method that can run on this model and node (for --method all)."""
+    from .methods import METHODS
+    chosen = []
+    for name in METHODS:
+        try:
+            explainer.check_method(name)
+        except OnnxcamError:
+            continue
+        chosen.append(name)
+    return chosen
+
+
+if __name__ == "__main__":
+    main()

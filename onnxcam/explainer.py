@@ -1,0 +1,251 @@
+"""The Python API: an Explainer builds the augmented model and its session once, then explains many
+batches. ``explain()`` is the one-call shortcut.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import layouts
+from .classifier_head import find_classifier_weights
+from .errors import OnnxcamError
+from .methods import get_method
+from .methods.postprocess import fuse_layers, layer_to_input
+from .methods.scorecam import scorecam_weights
+from .model import LoadedModel, load_model
+from .nodes import NodeInfo, list_candidates, resolve_node
+from .runtime import Runner
+from .surgery import AugmentedModel, build_forward_model, build_gradient_augmented_model, tensor_shape, find_logits
+
+
+@dataclass
+class Explanation:
+    """Maps in [0, 1] at the input's spatial size, and what they explain."""
+    maps: np.ndarray                 # (N, *input spatial) float32
+    targets: np.ndarray              # (N,) class explained per sample
+    scores: np.ndarray               # (N,) target logit per sample
+    logits: np.ndarray               # (N, K)
+    method: str
+    nodes: list[str]
+    layer_maps: list[np.ndarray] = field(default_factory=list)   # per node, at layer resolution
+    seconds: float = 0.0
+
+
+class Explainer:
+    """Explain one model at one or more nodes; sessions are built on first use and reused."""
+
+    def __init__(self, model, node: str | list[str] = "auto", provider: str = "auto",
+                 grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
+                 input_shape: tuple | None = None, threads: int | None = None):
+        self.model: LoadedModel = load_model(model)
+        self.provider = provider
+        self.grad_backend = grad_backend
+        self.probabilities = probabilities
+        self.threads = threads
+        self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
+        self.candidates = list_candidates(self.model.proto, self._probe_shapes(input_shape))
+        specs = [node] if isinstance(node, str) else list(node)
+        if not specs:
+            raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
+        self.nodes: list[NodeInfo] = [resolve_node(self.model.proto, spec, self.candidates) for spec in specs]
+        self._gradient_model: tuple[AugmentedModel, Runner] | None = None
+        self._forward_model: tuple[AugmentedModel, Runner] | None = None
+        self._num_classes: int | None = None
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
+        spec = self.model.input
+        if input_shape is not None:
+            return {spec.name: tuple(input_shape)}
+        if spec.shape is None:
+            return None
+        dims = [1 if i == 0 else d for i, d in enumerate(spec.shape)]
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            return {spec.name: tuple(dims)}
+        size = (self.model.preprocess or {}).get("size")
+        if size is not None and len(dims) == 4:
+            h, w = (size, size) if isinstance(size, int) else size
+            channels_first = self.input_layout == layouts.FIRST
+            c = dims[1] if channels_first else dims[3]
+            if isinstance(c, int):
+                return {spec.name: (1, c, h, w) if channels_first else (1, h, w, c)}
+        return None
+
+    @property
+    def tensors(self) -> list[str]:
+        return [n.tensor for n in self.nodes]
+
+    def gradient_session(self) -> tuple[AugmentedModel, Runner]:
+        if self._gradient_model is None:
+            augmented = build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
+                                                       self.probabilities)
+            self._gradient_model = (augmented, Runner(augmented.proto, augmented.output_names,
+                                                      self.provider, self.threads))
+        return self._gradient_model
+
+    def forward_session(self) -> tuple[AugmentedModel, Runner]:
+        if self._forward_model is None:
+            augmented = build_forward_model(self.model, self.tensors, self.probabilities)
+            self._forward_model = (augmented, Runner(augmented.proto, augmented.output_names,
+                                                     self.provider, self.threads))
+        return self._forward_model
+
+    @property
+    def gradient_backend_used(self) -> str | None:
+        return self._gradient_model[0].backend if self._gradient_model else None
+
+    def num_classes(self, x: np.ndarray | None = None) -> int:
+        """K, from the logits' static shape or one forward run when it is symbolic."""
+        if self._num_classes is None:
+            shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
+            if shape is not None and len(shape) == 2 and shape[1]:
+                self._num_classes = int(shape[1])
+            elif x is not None:
+                self._num_classes = int(self.forward(x[:1])[0].shape[1])
+            else:
+                raise OnnxcamError("cannot tell the number of classes before a first input is given")
+        return self._num_classes
+
+    def check_method(self, method: str) -> None:
+        """Raise OnnxcamError when ``method`` cannot run on this model and node."""
+        spec = get_method(method)
+        if spec.needs_gradients:
+            self.gradient_session()
+        if spec.needs_classifier_weights:
+            for node in self.nodes:
+                find_classifier_weights(self.model.proto, node.tensor)
+        if spec.needs_forward:
+            rank = self.model.input.rank
+            for node in self.nodes:
+                if node.shape is not None and rank is not None and len(node.shape) != rank:
+                    raise OnnxcamError(f"Score-CAM needs the node's spatial axes to match the input's; "
+                                       f"node {node.name} has shape {node.shape}, the input rank {rank}")
+
+    # ---- running ------------------------------------------------------------------------------
+    def check_input(self, x) -> np.ndarray:
+        """A float32 batch of the model's rank whose static dims match the model input."""
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise OnnxcamError(f"input must be a numeric array, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        shape = self.model.input.shape
+        if shape is not None:
+            if x.ndim != len(shape):
+                raise OnnxcamError(f"input has shape {x.shape} but the model takes rank {len(shape)} "
+                                   f"{_shape_text(shape)}; add the batch axis / fix the layout")
+            for axis, (got, want) in enumerate(zip(x.shape, shape)):
+                if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+                    raise OnnxcamError(f"input has shape {x.shape} but the model takes "
+                                       f"{_shape_text(shape)}; resize the input (--size) or fix --layout")
+        if x.shape[0] == 0:
+            raise OnnxcamError("the input batch is empty")
+        return x
+
+    def forward(self, x: np.ndarray) -> list[np.ndarray]:
+        """Logits and activations of the chosen nodes, no gradients."""
+        augmented, runner = self.forward_session()
+        return runner.run({augmented.input_name: x})
+
+    def input_spatial(self, x: np.ndarray) -> tuple:
+        return layouts.spatial_shape(x.shape, self.input_layout)
+
+    def _targets(self, targets, n: int, num_classes: int) -> np.ndarray | None:
+        if targets is None:
+            return None
+        array = np.atleast_1d(np.asarray(targets))
+        if array.dtype.kind not in "iu":
+            raise OnnxcamError(f"targets must be class indices (integers), got {targets!r}")
+        if array.size == 1 and n > 1:
+            array = np.repeat(array, n)
+        if array.shape != (n,):
+            raise OnnxcamError(f"got {array.size} targets for {n} inputs; give one class or one per input")
+        bad = array[(array < 0) | (array >= num_classes)]
+        if bad.size:
+            raise OnnxcamError(f"target class {int(bad[0])} is out of range: the model has {num_classes} "
+                               f"classes (0-{num_classes - 1})")
+        return array.astype(np.int64)
+
+    def explain(self, x, method: str = "gradcam", targets=None, batch_size: int | None = None,
+                max_channels: int | None = None, progress=None) -> Explanation:
+        """Explain a preprocessed batch ``x`` (the model's own layout) with ``method``."""
+        start = time.perf_counter()
+        spec = get_method(method)
+        x = self.check_input(x)
+        n = x.shape[0]
+        wanted = self._targets(targets, n, self.num_classes(x)) if targets is not None else None
+        step = batch_size or n
+        parts = []
+        for lo in range(0, n, step):
+            part_targets = None if wanted is None else wanted[lo:lo + step]
+            parts.append(self._explain_batch(x[lo:lo + step], spec, part_targets, max_channels, progress,
+                                             batch_size))
+        maps = np.concatenate([p[0] for p in parts])
+        logits = np.concatenate([p[1] for p in parts])
+        chosen = np.concatenate([p[2] for p in parts])
+        layer_maps = [np.concatenate([p[3][i] for p in parts]) for i in range(len(self.nodes))]
+        scores = logits[np.arange(n), chosen] if logits.ndim == 2 else np.zeros(n, np.float32)
+        return Explanation(maps, chosen, scores.astype(np.float32), logits, spec.name,
+                           [node.name for node in self.nodes], layer_maps, time.perf_counter() - start)
+
+    def _explain_batch(self, x, spec, targets, max_channels, progress, batch_size):
+        if spec.needs_gradients:
+            augmented, runner = self.gradient_session()
+            weights = np.zeros((x.shape[0], self.num_classes(x)), np.float32)
+            if targets is not None:
+                weights[np.arange(x.shape[0]), targets] = 1.0
+            outputs = runner.run({augmented.input_name: x, "onnxcam_target_weights": weights})
+        else:
+            outputs = self.forward(x)
+        logits = outputs[0]
+        chosen = targets if targets is not None else np.argmax(logits.reshape(len(x), -1), axis=1)
+        m = len(self.nodes)
+        activations = [self._channels_first(a, x) for a in outputs[1:1 + m]]
+        gradients = [self._channels_first(g, x, like=a) for g, a in zip(outputs[1 + m:1 + 2 * m],
+                                                                        outputs[1:1 + m])]
+        layer_maps = []
+        for i, (node, a) in enumerate(zip(self.nodes, activations)):
+            if spec.needs_gradients:
+                layer_maps.append(spec.layer_map(a, gradients[i]))
+            elif spec.needs_classifier_weights:
+                head = find_classifier_weights(self.model.proto, node.tensor)
+                layer_maps.append(spec.layer_map(a, head.weight[chosen]))
+            elif spec.needs_forward:
+                layer_maps.append(spec.layer_map(a, self._scorecam_weights(x, a, chosen, node, batch_size,
+                                                                           max_channels, progress)))
+            else:
+                layer_maps.append(spec.layer_map(a))
+        size = self.input_spatial(x)
+        maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
+        return maps.astype(np.float32), logits, chosen.astype(np.int64), layer_maps
+
+    def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
+        reference = array if like is None else like
+        layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)
+        return layouts.to_channels_first(array, layout)
+
+    def _scorecam_weights(self, x, a, chosen, node, batch_size, max_channels, progress):
+        size = self.input_spatial(x)
+        if a.ndim - 2 != len(size):
+            raise OnnxcamError(f"Score-CAM needs the node's spatial axes to match the input's; node "
+                               f"{node.name} has {a.ndim - 2} spatial axes, the input {len(size)}")
+        x_first = layouts.to_channels_first(x, self.input_layout)
+
+        def forward_logits(batch: np.ndarray) -> np.ndarray:
+            return self.forward(layouts.to_layout(batch.astype(np.float32), self.input_layout))[0]
+
+        return scorecam_weights(a, x_first, chosen, forward_logits, batch_size=batch_size or 32,
+                                max_channels=max_channels, progress=progress)
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) if d else "?" for d in shape) + ")"
+
+
+def explain(model, x, node: str | list[str] = "auto", method: str = "gradcam", targets=None,
+            provider: str = "auto", grad_backend: str = "auto") -> np.ndarray:
+    """Maps (N, *spatial of x) float32 in [0, 1] for a preprocessed batch ``x``."""
+    explainer = Explainer(model, node, provider=provider, grad_backend=grad_backend)
+    return explainer.explain(x, method=method, targets=targets).maps

@@ -1,0 +1,223 @@
+"""Images in and pictures out: read files, preprocess them as the model expects, draw heatmaps.
+
+Preprocessing: x = (resize(image, size) * scale - mean) / std in the model's colour order and layout.
+Defaults come from the model's ``onnxcam.preprocess`` metadata; every field can be overridden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import OnnxcamError
+
+LAYOUTS = ("NCHW", "NHWC")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the model's input tensor."""
+    size: tuple[int, int] | None = None          # (height, width); None: keep the image size
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0
+    color: str = "RGB"
+    layout: str = "NCHW"
+
+    @classmethod
+    def from_metadata(cls, metadata: dict | None, input_shape: tuple | None = None) -> "Preprocessing":
+        """Metadata values when present, else what the input shape says (layout, static size)."""
+        base = cls()
+        layout = guess_layout(input_shape)
+        if layout:
+            base = replace(base, layout=layout)
+        size = static_size(input_shape, base.layout)
+        if size:
+            base = replace(base, size=size)
+        if not metadata:
+            return base
+        fields = {}
+        if "size" in metadata:
+            fields["size"] = _int_pair(metadata["size"])
+        for key in ("mean", "std"):
+            if key in metadata:
+                fields[key] = tuple(float(v) for v in metadata[key])
+        if "scale" in metadata:
+            fields["scale"] = float(metadata["scale"])
+        if "color" in metadata:
+            fields["color"] = str(metadata["color"]).upper()
+        if "layout" in metadata:
+            fields["layout"] = str(metadata["layout"]).upper()
+        return replace(base, **fields).validated()
+
+    def validated(self) -> "Preprocessing":
+        if self.layout not in LAYOUTS:
+            raise OnnxcamError(f"unknown layout {self.layout!r}; use NCHW or NHWC")
+        if self.color not in ("RGB", "BGR"):
+            raise OnnxcamError(f"unknown colour order {self.color!r}; use RGB or BGR")
+        if len(self.mean) != len(self.std):
+            raise OnnxcamError(f"--mean has {len(self.mean)} values but --std has {len(self.std)}; "
+                               "give one value per channel to both")
+        if any(s == 0 for s in self.std):
+            raise OnnxcamError("--std contains 0; every standard deviation must be non-zero")
+        if self.size is not None and min(self.size) <= 0:
+            raise OnnxcamError(f"--size {self.size} must be positive")
+        return self
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """One RGB uint8 image (H, W, 3) -> float32 array (C, h, w) or (h, w, C) without batch axis."""
+        image = rgb if self.color == "RGB" else rgb[..., ::-1]
+        if self.size is not None and tuple(image.shape[:2]) != tuple(self.size):
+            image = cv2.resize(image, (self.size[1], self.size[0]), interpolation=cv2.INTER_LINEAR)
+        x = image.astype(np.float32) * np.float32(self.scale)
+        channels = x.shape[-1]
+        if len(self.mean) not in (1, channels):
+            raise OnnxcamError(f"--mean has {len(self.mean)} values for a {channels}-channel image")
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = np.transpose(x, (2, 0, 1))
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _int_pair(value) -> tuple[int, int]:
+    values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def guess_layout(shape: tuple | None) -> str | None:
+    """NCHW or NHWC from a rank-4 input shape: the axis holding 1, 3 or 4 channels says which."""
+    if shape is None or len(shape) != 4:
+        return None
+    first, last = shape[1], shape[3]
+    if isinstance(first, int) and first in (1, 3, 4):
+        return "NCHW"
+    if isinstance(last, int) and last in (1, 3, 4):
+        return "NHWC"
+    return None
+
+
+def static_size(shape: tuple | None, layout: str) -> tuple[int, int] | None:
+    if shape is None or len(shape) != 4:
+        return None
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+        return (h, w)
+    return None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); a one-line error for a missing or non-image file."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxcamError(f"input {path} does not exist; check the path")
+    if path.is_dir():
+        raise OnnxcamError(f"input {path} is a directory; pass image files")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise OnnxcamError(f"input {path} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); "
+                           "pass an image file, or a .npy array for non-image models")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def jet_heatmap(cam: np.ndarray) -> np.ndarray:
+    """RGB uint8 JET colouring of a [0, 1] map (OpenCV's colormap, as pytorch-grad-cam uses)."""
+    scaled = np.uint8(np.clip(cam, 0.0, 1.0) * 255)
+    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend ``(1 - alpha) * image + alpha * heatmap`` at the original image size (uint8 RGB)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
+    height, width = rgb.shape[:2]
+    if cam.shape != (height, width):
+        cam = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = jet_heatmap(cam).astype(np.float32)
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
+    return np.uint8(np.clip(np.rint(blended), 0, 255))
+
+
+def label_panel(image: np.ndarray, text: str) -> np.ndarray:
+    """The image with a caption strip above it (for side-by-side grids)."""
+    strip = np.full((24, image.shape[1], 3), 255, np.uint8)
+    cv2.putText(strip, text[: max(1, image.shape[1] // 9)], (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, image], axis=0)
+
+
+def grid(panels: list[np.ndarray], columns: int = 4) -> np.ndarray:
+    """Panels of one size laid out in rows, padded white."""
+    h, w = panels[0].shape[:2]
+    rows = -(-len(panels) // columns)
+    canvas = np.full((rows * h, min(columns, len(panels)) * w, 3), 255, np.uint8)
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = panel
+    return canvas
+
+
+_PLOT_HEIGHT, _PLOT_WIDTH = 256, 768
+
+
+def _signal_for(x: np.ndarray, length: int) -> np.ndarray:
+    """The first channel of a (C, L) or (L, C) signal whose length matches the map."""
+    if x.ndim == 1:
+        return x
+    return x[0] if x.shape[-1] == length else x[..., 0]
+
+
+def _plot_signal(signal: np.ndarray, cam: np.ndarray | None) -> np.ndarray:
+    canvas = np.full((_PLOT_HEIGHT, _PLOT_WIDTH, 3), 255, np.uint8)
+    if cam is not None:
+        band = jet_heatmap(cv2.resize(cam[None, :].astype(np.float32), (_PLOT_WIDTH, 1)))
+        canvas[-24:] = np.repeat(band, 24, axis=0)
+    values = signal.astype(np.float64)
+    span = values.max() - values.min()
+    ys = (values - values.min()) / (span if span > 0 else 1.0)
+    xs = np.linspace(0, _PLOT_WIDTH - 1, len(values))
+    points = np.stack([xs, (1 - ys) * (_PLOT_HEIGHT - 40) + 8], axis=1).astype(np.int32)
+    cv2.polylines(canvas, [points], False, (20, 20, 20), 1, cv2.LINE_AA)
+    return canvas
+
+
+def _to_panel(gray: np.ndarray) -> np.ndarray:
+    side = _PLOT_HEIGHT
+    return cv2.resize(gray, (side, side), interpolation=cv2.INTER_NEAREST)
+
+
+def _normalized(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float32)
+    span = float(values.max() - values.min())
+    return (values - values.min()) / (span if span > 0 else 1.0)
+
+
+def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
+    d, h, w = volume.shape
+    return [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
+
+
+def render_map(x: np.ndarray, cam: np.ndarray | None) -> np.ndarray:
+    """A picture of a non-photo input and its map: a line plot with a heat band for 1D signals, the
+    heatmap for 2D arrays, and the three mid-slices for 3D volumes (RGB uint8)."""
+    spatial = cam.ndim if cam is not None else max(1, x.ndim - 1)
+    if spatial == 1:
+        length = cam.shape[0] if cam is not None else max(x.shape)
+        return _plot_signal(_signal_for(x, length), cam)
+    if spatial == 2:
+        if cam is None:
+            gray = np.uint8(_normalized(x[0] if x.shape[0] <= 4 else x[..., 0]) * 255)
+            return cv2.cvtColor(_to_panel(gray), cv2.COLOR_GRAY2RGB)
+        return _to_panel(jet_heatmap(cam))
+    if cam is None:
+        volume = x[0] if x.ndim == 4 else x
+        return np.concatenate([cv2.cvtColor(_to_panel(np.uint8(_normalized(s) * 255)), cv2.COLOR_GRAY2RGB)
+                               for s in _mid_slices(volume)], axis=1)
+    return np.concatenate([_to_panel(jet_heatmap(s)) for s in _mid_slices(cam)], axis=1)
+
+
+def render_input(x: np.ndarray) -> np.ndarray:
+    return render_map(x, None)
