@@ -1,0 +1,433 @@
+"""Which nodes can be explained, and which one the user means by ``--node``.
+
+A candidate is a node whose first output is a float tensor of rank 3 to 5 (N,C,L / N,C,H,W /
+N,C,D,H,W or channels-last). Shapes come from ONNX shape inference; when that leaves a layer's
+shape unknown, one run of the model on zeros measures them.
+
+Scopes are module paths, read from what exporters write:
+
+- torch legacy (TorchScript) exporter: node names are the module path plus an op name,
+  ``/layer4/layer4.1/relu_1/Relu`` → scope ``layer4/layer4.1/relu_1`` (``relu_1`` is the second call
+  of module ``relu``).
+- torch dynamo exporter (torch 2.13): node names are flat (``node_relu_4``); each node carries
+  ``metadata_props["pkg.torch.onnx.name_scopes"]``, the Python repr of a list whose first item is
+  ``''`` (the root module), then the fully qualified module names, then the FX node name:
+  ``"['', 'layer4', 'layer4.1', 'layer4.1.relu', 'relu_4']"`` → scope ``layer4/layer4.1/layer4.1.relu``.
+- tf2onnx (Keras): node names are TF name scopes, ``functional_1/mobilenetv2_1.00_160_1/out_relu_1/Relu6``
+  → scope ``functional_1/mobilenetv2_1.00_160_1/out_relu_1``; Keras 3 appends ``_1`` to layer scopes.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import OnnxcamError
+
+DYNAMO_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+_REDUCE_POOLS = {"ReduceMean", "ReduceMax"}
+_WINDOW_POOLS = {"AveragePool", "MaxPool", "LpPool"}
+# Ops between a layer and the global pool that change nothing a user would pick a layer for.
+_TRIVIA = {"Identity", "Dropout", "Cast", "Transpose"}
+_NOT_LAYERS = {"Constant", "ConstantOfShape"}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str                      # node name ("" for an unnamed node; `tensor` is always unique)
+    op_type: str
+    tensor: str                    # first output tensor
+    shape: tuple | None            # int or None per dim; None when the rank is unknown
+    scope: str                     # module path, components joined by "/"; "" at the root
+    index: int                     # position in graph.node
+    spatial: bool                  # float rank 3-5 with spatial axes > 1
+
+
+# ---------------------------------------------------------------- listing
+
+
+def list_candidates(model: onnx.ModelProto,
+                    probe_input_shapes: dict[str, tuple] | None = None) -> list[NodeInfo]:
+    """Every node whose first output is a float tensor of rank 3-5, in graph order."""
+    types = _inferred_types(model)
+    unknown = [node.output[0] for node in _layer_nodes(model) if _needs_probe(types.get(node.output[0]))]
+    if unknown:
+        types.update(_probe_types(model, unknown, probe_input_shapes))
+    candidates = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in _NOT_LAYERS or not node.output or not node.output[0]:
+            continue
+        elem_type, shape = types.get(node.output[0], (None, None))
+        if elem_type not in _FLOAT_TYPES or shape is None or not 3 <= len(shape) <= 5:
+            continue
+        candidates.append(NodeInfo(name=node.name, op_type=node.op_type, tensor=node.output[0],
+                                   shape=shape, scope="/".join(node_scope(node)), index=index,
+                                   spatial=has_spatial_axes(shape)))
+    return candidates
+
+
+def has_spatial_axes(shape: tuple | None) -> bool:
+    """True when the tensor still has a map to show, read channels-first AND channels-last.
+
+    (1, 512, 7, 7) and (1, 7, 7, 1280) qualify; a pooled (1, 512, 1, 1) or (1, 1, 1, 1280) does not.
+    Unknown dims count as larger than 1.
+    """
+    if shape is None or not 3 <= len(shape) <= 5:
+        return False
+
+    def some_axis_above_one(dims):
+        return any(d is None or d > 1 for d in dims)
+    return some_axis_above_one(shape[2:]) and some_axis_above_one(shape[1:-1])
+
+
+def node_scope(node: onnx.NodeProto) -> list[str]:
+    """The module path of a node: dynamo's name_scopes metadata when present, else its name's folders."""
+    for prop in node.metadata_props:
+        if prop.key == DYNAMO_SCOPES_KEY:
+            scopes = _parse_dynamo_scopes(prop.value)
+            if scopes is not None:
+                return scopes
+    return [part for part in node.name.split("/") if part][:-1]
+
+
+def _parse_dynamo_scopes(value: str) -> list[str] | None:
+    try:
+        items = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        return None
+    return [item for item in items[:-1] if item]  # drop the root '' and the trailing FX node name
+
+
+def _layer_nodes(model: onnx.ModelProto):
+    return [node for node in model.graph.node
+            if node.op_type not in _NOT_LAYERS and node.output and node.output[0]]
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, tuple]:
+    """tensor name → (elem_type or None, shape or None) from ONNX shape inference (best effort)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception:  # inference is a help, never a requirement: the probe covers the rest
+        inferred = model
+    graph = inferred.graph
+    types = {}
+    for value_info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value_info.type.HasField("tensor_type"):
+            tensor_type = value_info.type.tensor_type
+            shape = None
+            if tensor_type.HasField("shape"):
+                shape = tuple(dim.dim_value if dim.HasField("dim_value") else None
+                              for dim in tensor_type.shape.dim)
+            types[value_info.name] = (tensor_type.elem_type or None, shape)
+    return types
+
+
+def _needs_probe(known: tuple | None) -> bool:
+    """Could be a candidate but its type, rank or a non-batch dim is unknown."""
+    if known is None:
+        return True
+    elem_type, shape = known
+    if elem_type is not None and elem_type not in _FLOAT_TYPES:
+        return False
+    if elem_type is None or shape is None:
+        return True
+    return 3 <= len(shape) <= 5 and any(dim is None for dim in shape[1:])
+
+
+def _probe_types(model: onnx.ModelProto, tensors: list[str],
+                 probe_input_shapes: dict[str, tuple] | None) -> dict[str, tuple]:
+    """Run the model once on zeros with ``tensors`` exposed as outputs and read their real shapes."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OnnxcamError("layer shapes need one run of the model and onnxruntime is not installed; "
+                           "install it with `pip install onnxcam[cpu]`") from None
+    feeds = _zero_feeds(model, probe_input_shapes or {})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {output.name for output in probe.graph.output}
+    for tensor in tensors:
+        if tensor not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        values = session.run(tensors, feeds)
+    except Exception as error:
+        message = " ".join(str(error).split())
+        raise OnnxcamError(f"could not run the model on zeros to measure layer shapes: {message[:300]}; "
+                           "check the input shapes given (probe_input_shapes / --input-shape)") from None
+    result = {}
+    for tensor, value in zip(tensors, values):
+        value = np.asarray(value)
+        elem_type = helper.np_dtype_to_tensor_dtype(value.dtype) if value.dtype.kind in "fiub" else None
+        result[tensor] = (elem_type, tuple(int(dim) for dim in value.shape))
+    return result
+
+
+def _zero_feeds(model: onnx.ModelProto, given: dict[str, tuple]) -> dict[str, np.ndarray]:
+    initializers = {init.name for init in model.graph.initializer}
+    feeds = {}
+    for value_info in model.graph.input:
+        if value_info.name in initializers:
+            continue
+        tensor_type = value_info.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type or TensorProto.FLOAT)
+        shape = given.get(value_info.name)
+        if shape is None:
+            shape = _static_input_shape(value_info)
+        feeds[value_info.name] = np.zeros(tuple(int(dim) for dim in shape), dtype=dtype)
+    return feeds
+
+
+def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
+    """Batch 1 and the static dims; a symbolic dim past the batch axis has no safe default."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        raise OnnxcamError(f"input {value_info.name!r} has no declared shape, so layer shapes need one run "
+                           f"at a size you choose; give it, e.g. probe_input_shapes="
+                           f"{{{value_info.name!r}: (1, 3, 224, 224)}} (CLI: --input-shape)")
+    dims = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
+            for dim in tensor_type.shape.dim]
+    if dims and not isinstance(dims[0], int):
+        dims[0] = 1
+    symbolic = [dim for dim in dims if not isinstance(dim, int)]
+    if symbolic:
+        example = tuple(dim if isinstance(dim, int) else 224 for dim in dims)
+        raise OnnxcamError(f"input {value_info.name!r} has symbolic axes {', '.join(map(str, symbolic))} "
+                           f"(shape {_format_shape(tuple(dims))}), so layer shapes need one run at a size you "
+                           f"choose; give it, e.g. probe_input_shapes={{{value_info.name!r}: {example}}} "
+                           f"(CLI: --input-shape {value_info.name}={','.join(map(str, example))})")
+    return tuple(dims)
+
+
+# ---------------------------------------------------------------- default node
+
+
+def default_node(candidates: list[NodeInfo], model: onnx.ModelProto) -> NodeInfo:
+    """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
+    ``layer4[-1]``), looking through Identity/Dropout/Cast/Transpose; else the last spatial candidate."""
+    by_tensor = {candidate.tensor: candidate for candidate in candidates}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    pooled = [node.input[0] for node in model.graph.node
+              if node.input and _is_global_pool(node, by_tensor, model)]
+    if pooled:
+        tensor = pooled[-1]
+        while tensor in producers and producers[tensor].op_type in _TRIVIA and producers[tensor].input:
+            tensor = producers[tensor].input[0]
+        if tensor in by_tensor and by_tensor[tensor].spatial:
+            return by_tensor[tensor]
+    spatial = [candidate for candidate in candidates if candidate.spatial]
+    if not spatial:
+        raise OnnxcamError("the model has no node with a spatial output (rank 3-5 float with spatial axes "
+                           "larger than 1), so there is no map to explain")
+    return spatial[-1]
+
+
+def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model: onnx.ModelProto) -> bool:
+    source = by_tensor.get(node.input[0])
+    if node.op_type in _GLOBAL_POOLS:
+        return True
+    if source is None or not source.spatial:
+        return False
+    if node.op_type == "Flatten":
+        return True
+    output = by_tensor.get(node.output[0]) if node.output else None
+    if node.op_type in _WINDOW_POOLS:  # a pool window as large as the map, as old exports write it
+        return output is not None and not output.spatial
+    if node.op_type in _REDUCE_POOLS:
+        axes = _reduce_axes(node, model)
+        if axes is None:
+            return output is not None and not output.spatial
+        rank = len(source.shape)
+        axes = {axis % rank for axis in axes}
+        return axes in ({*range(2, rank)}, {*range(1, rank - 1)})
+    return False
+
+
+def _reduce_axes(node: onnx.NodeProto, model: onnx.ModelProto) -> list[int] | None:
+    for attribute in node.attribute:
+        if attribute.name == "axes":
+            return list(attribute.ints)
+    if len(node.input) > 1 and node.input[1]:
+        return _constant_ints(model, node.input[1])
+    return None
+
+
+def _constant_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
+    for initializer in model.graph.initializer:
+        if initializer.name == name:
+            return [int(v) for v in numpy_helper.to_array(initializer).reshape(-1)]
+    for node in model.graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return [int(v) for v in numpy_helper.to_array(attribute.t).reshape(-1)]
+                if attribute.name in ("value_ints", "value_int"):
+                    return list(attribute.ints) or [attribute.i]
+    return None
+
+
+# ---------------------------------------------------------------- resolving --node
+
+
+def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
+    """The node a user means by ``spec``; exact names beat module scopes (see module docstring).
+
+    Accepted, in this order of preference: ``auto``; a node name; an output tensor name (``:0`` may be
+    left off); a module scope (``layer4``, ``/layer4``, ``layer4.1``, ``layer4.1.relu``, Keras ``out_relu``
+    for scope ``out_relu_1``) meaning its last spatial node; a scope plus an op type or op name
+    (``/layer4/Relu``: the last Relu inside layer4; ``Relu`` alone: the last Relu of the graph).
+    """
+    spec = spec.strip()
+    if spec.lower() == "auto":
+        return default_node(candidates, model)
+    nodes = list(model.graph.node)
+    by_tensor = {candidate.tensor: candidate for candidate in candidates}
+    for exact in ((node for node in nodes if node.name == spec),
+                  (node for node in nodes if node.output and node.output[0] == spec),
+                  (node for node in nodes if node.output and node.output[0] == f"{spec}:0")):
+        found = list(exact)
+        if found:
+            return _spatial_or_error(found[-1], by_tensor, model)
+    parts = [part for part in spec.split("/") if part]
+    if parts:
+        # exact spellings before Keras-style `_1` suffixes; paths from the root before nested ones
+        for loose, anchored, with_op in itertools.product((False, True), (True, False), (False, True)):
+            inside = _nodes_in_scope(nodes, parts, anchored, loose, with_op)
+            if inside:
+                spatial = [by_tensor[node.output[0]] for node in inside
+                           if node.output[0] in by_tensor and by_tensor[node.output[0]].spatial]
+                return spatial[-1] if spatial else _spatial_or_error(inside[-1], by_tensor, model)
+    raise OnnxcamError(_unknown_spec_message(spec, candidates))
+
+
+def _nodes_in_scope(nodes, parts: list[str], anchored: bool, loose: bool, with_op: bool) -> list[onnx.NodeProto]:
+    """Nodes whose scope contains ``parts`` as whole consecutive components (with_op: all but the last
+    part, the last one naming the op type or the op's own name, e.g. ``Relu``). ``anchored`` asks the
+    first part to start the path (``conv1`` is the root's conv1, not every block's); ``loose`` lets
+    ``out_relu`` match the ``out_relu_1`` that Keras 3 writes (and torch, for a module's second call)."""
+    scope_parts, op = (parts[:-1], parts[-1]) if with_op else (parts, None)
+    found = []
+    for node in nodes:
+        if not node.output or not node.output[0] or node.op_type in _NOT_LAYERS:
+            continue
+        if op is not None and op not in (node.op_type, node.name.rsplit("/", 1)[-1]):
+            continue
+        if _scope_contains(node_scope(node), scope_parts, anchored, loose):
+            found.append(node)
+    return found
+
+
+def _scope_contains(scope: list[str], parts: list[str], anchored: bool, loose: bool) -> bool:
+    if not parts:
+        return True
+    qualified, spellings = _component_spellings(scope)
+    for start in range(len(scope) - len(parts) + 1):
+        if anchored and start > 0 and not _component_matches(parts[0], {qualified[start]}, loose):
+            continue
+        if all(_component_matches(part, spellings[start + i], loose) for i, part in enumerate(parts)):
+            return True
+    return False
+
+
+def _component_spellings(scope: list[str]) -> tuple[list[str], list[set[str]]]:
+    """Each scope component's dotted torch module name (absolute), and all the ways to write it:
+    as written, dotted, and relative to its parent.
+
+    Legacy ``layer4/layer4.1/conv1`` and dynamo ``layer4/layer4.1/layer4.1.conv1`` both give
+    {layer4}, {layer4.1, 1}, {conv1, layer4.1.conv1}: either exporter's style finds either export.
+    """
+    qualified_names, spellings, parent = [], [], ""
+    for part in scope:
+        if parent and part.startswith(parent + "."):
+            qualified, relative = part, part[len(parent) + 1:]
+        else:
+            qualified, relative = (f"{parent}.{part}" if parent else part), part
+        qualified_names.append(qualified)
+        spellings.append({part, qualified, relative})
+        parent = qualified
+    return qualified_names, spellings
+
+
+def _component_matches(part: str, spellings: set[str], loose: bool) -> bool:
+    if part in spellings:
+        return True
+    if loose:
+        pattern = re.compile(re.escape(part) + r"_\d+")
+        return any(pattern.fullmatch(spelling) for spelling in spellings)
+    return False
+
+
+def _spatial_or_error(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model: onnx.ModelProto) -> NodeInfo:
+    candidate = by_tensor.get(node.output[0]) if node.output else None
+    if candidate is not None and candidate.spatial:
+        return candidate
+    label = node.name or node.output[0]
+    shape = candidate.shape if candidate is not None else _inferred_types(model).get(node.output[0], (None, None))[1]
+    what = f"shape {_format_shape(shape)}" if shape is not None else "a tensor of unknown shape"
+    raise OnnxcamError(f"node {label} outputs {what}, which has no spatial axes; pick a convolutional layer "
+                       "(see `onnxcam nodes MODEL`)")
+
+
+def _unknown_spec_message(spec: str, candidates: list[NodeInfo]) -> str:
+    names = set()
+    for candidate in candidates:
+        if not candidate.spatial:
+            continue
+        names.update(filter(None, (candidate.name, candidate.tensor)))
+        components = candidate.scope.split("/") if candidate.scope else []
+        for end in range(1, len(components) + 1):
+            names.add("/".join(components[:end]))
+        names.update(components)
+    closest = difflib.get_close_matches(spec, sorted(names), n=5, cutoff=0.5)
+    if not closest:  # compare with the last component too: `relu9` vs `.../relu_1`
+        closest = difflib.get_close_matches(spec.strip("/").split("/")[-1], sorted(names), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(closest)}" if closest else ""
+    return (f"no node, output tensor or module scope matches {spec!r}{hint} "
+            "(list them with `onnxcam nodes MODEL`, or use --node auto)")
+
+
+# ---------------------------------------------------------------- table
+
+
+def _format_shape(shape: tuple | None) -> str:
+    if shape is None:
+        return "?"
+    return "(" + ", ".join("?" if dim is None else str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
+    """The `onnxcam nodes` listing: one row per candidate, `*` on the default, `-` on maps without
+    spatial axes (pooled outputs cannot be explained)."""
+    header = ("", "node", "op", "output tensor", "shape", "scope")
+    rows = [header]
+    for candidate in candidates:
+        mark = "*" if default is not None and candidate.tensor == default.tensor else (
+            " " if candidate.spatial else "-")
+        rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, candidate.tensor,
+                     _format_shape(candidate.shape), candidate.scope or "."))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join(("-" if column else " ") * width for column, width in enumerate(widths)).rstrip())
+    legend = []
+    if default is not None:
+        legend.append(f"* default (--node auto): {default.name or default.tensor}")
+    if any(not candidate.spatial for candidate in candidates):
+        legend.append("- no spatial axes left (pooled): cannot be explained")
+    return "\n".join(lines + legend)
