@@ -5,16 +5,9 @@
 # The two ONNX Runtime builds cannot share one environment. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-setup() {  # setup VENV EXTRAS...
-  local venv=$1; shift
-  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v WARNING || true
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v WARNING || true
-  "$venv/bin/python" -c "import onnxcam, onnxruntime" || { echo "set-up of $venv failed" >&2; exit 1; }
-}
-setup .venv -e ".[cpu,test]"
-setup .venv-training -e ".[training-cpu]" pytest
+source tools/venv.sh
+make_venv .venv -e ".[cpu,test]"
+make_venv .venv-training -e ".[training-cpu]" pytest
 echo "== suite on onnxruntime (portable backend)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
 echo "== suite on onnxruntime-training-cpu (both backends)"
