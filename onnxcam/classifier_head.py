@@ -1,0 +1,312 @@
+"""Find the linear classifier that CAM needs: activation → global average pooling → linear layer.
+
+CAM (Zhou et al. 2016) is only defined when the logits are a linear function of the spatial mean of the
+activations, z = W · mean_S(A) + b. This module follows the graph from the activation tensor and returns
+W and b, or says precisely which op breaks the pattern.
+
+Accepted chain (Identity / Dropout allowed anywhere):
+  GlobalAveragePool | ReduceMean over every spatial axis (NC... or N...C; axes as attribute or input)
+  → any of Flatten, Reshape, Squeeze, Unsqueeze, Transpose that keep batch and channel apart
+  → Gemm (transA/transB, alpha, beta) | MatMul (+ Add bias) | Conv with a 1×1… kernel,
+with weights stored as initializers or Constant nodes. The pooled tensor is tracked as a list of axis
+roles ("N" batch, "C" channels, "1" a singleton) so reshapes can be checked without running the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import OnnxcamError
+
+PASS_THROUGH = {"Identity", "Dropout"}
+SHAPE_READERS = {"Shape", "Size"}  # consumers that read only metadata, never the values
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    weight: np.ndarray        # (K, C) float32: logits = weight @ mean_S(A) + bias
+    bias: np.ndarray | None   # (K,) float32
+    layout: str               # "channels_first" | "channels_last": where C sits in the activation
+
+
+class _NotCam(Exception):
+    """Internal: the graph leaves the CAM pattern at op ``op``."""
+
+    def __init__(self, op: str, detail: str = ""):
+        super().__init__(op)
+        self.op, self.detail = op, detail
+
+
+class _Graph:
+    """Look-ups the walk needs: consumers, constant values, ranks."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in set(node.input):
+                self.consumers.setdefault(name, []).append(node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.shapes = _known_shapes(model)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Identity":
+            return self.constant(node.input[0])
+        if node.op_type != "Constant":
+            return None
+        attr = node.attribute[0]
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.array(onnx.helper.get_attribute_value(attr))
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(list(onnx.helper.get_attribute_value(attr)))
+        return None
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def next_node(self, name: str) -> onnx.NodeProto:
+        users = [n for n in self.consumers.get(name, []) if n.op_type not in SHAPE_READERS]
+        if not users:
+            raise _NotCam("nothing (it is not consumed by any node)")
+        if len(users) > 1:
+            raise _NotCam(" and ".join(sorted({n.op_type for n in users})), "several nodes")
+        return users[0]
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a help here, never a requirement
+        inferred = model
+    g = inferred.graph
+    shapes = {}
+    for info in list(g.value_info) + list(g.input) + list(g.output):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                                 for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _axes(node: onnx.NodeProto, graph: _Graph) -> list[int] | None:
+    """Axes given as attribute (older opsets) or as a constant second input (newer); None if absent."""
+    axes = _attr(node, "axes")
+    if axes is not None:
+        return [int(a) for a in axes]
+    if len(node.input) > 1 and node.input[1]:
+        value = graph.constant(node.input[1])
+        if value is None:
+            raise _NotCam(node.op_type, "axes computed at run time")
+        return [int(a) for a in np.asarray(value).reshape(-1)]
+    return None
+
+
+def _pooling_roles(node: onnx.NodeProto, graph: _Graph, rank: int | None) -> tuple[list[str], str]:
+    """Axis roles of the pooled tensor and the activation's layout."""
+    if node.op_type == "GlobalAveragePool":
+        spatial = (rank or 4) - 2
+        return ["N", "C"] + ["1"] * spatial, "channels_first"
+    if node.op_type != "ReduceMean":
+        raise _NotCam(node.op_type)
+    axes = _axes(node, graph)
+    if not axes:
+        raise _NotCam(node.op_type, "reduces every axis")
+    count = len(axes)
+    if rank is None:  # infer the rank from the axes: positive ones start at 1 or 2, negative end at -1 or -2
+        if min(axes) >= 0:
+            rank = count + 2
+            first, last = list(range(2, count + 2)), list(range(1, count + 1))
+        else:
+            rank = count + 2
+            first, last = list(range(-count, 0)), list(range(-count - 1, -1))
+        axes_set = sorted(axes)
+    else:
+        axes_set = sorted(a % rank for a in axes)
+        first, last = list(range(2, rank)), list(range(1, rank - 1))
+    if axes_set == sorted(first):
+        layout, roles = "channels_first", ["N", "C"] + ["1"] * count
+    elif axes_set == sorted(last):
+        layout, roles = "channels_last", ["N"] + ["1"] * count + ["C"]
+    else:
+        raise _NotCam(node.op_type, f"axes {axes} are not exactly the spatial axes")
+    if not _attr(node, "keepdims", 1):
+        roles = ["N", "C"]
+    return roles, layout
+
+
+def _merge(roles: list[str], op: str) -> str:
+    kept = [r for r in roles if r != "1"]
+    if len(kept) > 1:
+        raise _NotCam(op, "merges batch and channel axes")
+    return kept[0] if kept else "1"
+
+
+def _reshape_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> list[str]:
+    big = [r for r in roles if r != "1"]
+    shape = graph.constant(node.input[1])
+    if shape is None:
+        rank = graph.rank(node.output[0])
+        if rank == 2 and len(big) == 2:
+            return big
+        raise _NotCam("Reshape", "shape computed at run time")
+    out = []
+    for i, s in enumerate(np.asarray(shape).reshape(-1).tolist()):
+        if s == 0:
+            out.append(roles[i] if i < len(roles) else "?")
+        else:
+            out.append("1" if s == 1 else "?")
+    unknown = [i for i, r in enumerate(out) if r == "?"]
+    copied = [r for r in out if r not in ("1", "?")]
+    missing = [r for r in big if r not in copied]
+    if len(unknown) != len(missing):
+        raise _NotCam("Reshape", "target shape does not keep batch and channels apart")
+    for i, r in zip(unknown, missing):
+        out[i] = r
+    if [r for r in out if r != "1"] != big:
+        raise _NotCam("Reshape", "reorders batch and channels")
+    return out
+
+
+def _reshaping_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> list[str]:
+    """Roles after a reshaping op, or _NotCam when the op is not one that keeps the pooled features."""
+    op = node.op_type
+    if op in PASS_THROUGH:
+        return roles
+    if op == "Flatten":
+        axis = _attr(node, "axis", 1)
+        axis = axis + len(roles) if axis < 0 else axis
+        return [_merge(roles[:axis], op) if axis else "1", _merge(roles[axis:], op)]
+    if op == "Transpose":
+        perm = _attr(node, "perm") or list(range(len(roles)))[::-1]
+        return [roles[p] for p in perm]
+    if op == "Squeeze":
+        axes = _axes(node, graph)
+        if axes is None:
+            return [r for r in roles if r != "1"]
+        axes = {a % len(roles) for a in axes}
+        if any(roles[a] != "1" for a in axes):
+            raise _NotCam(op, "squeezes the batch or channel axis")
+        return [r for i, r in enumerate(roles) if i not in axes]
+    if op == "Unsqueeze":
+        axes = _axes(node, graph) or []
+        out_rank = len(roles) + len(axes)
+        axes = {a % out_rank for a in axes}
+        it = iter(roles)
+        return ["1" if i in axes else next(it) for i in range(out_rank)]
+    if op == "Reshape":
+        return _reshape_roles(node, graph, roles)
+    raise _NotCam(op)
+
+
+def _constant_input(node: onnx.NodeProto, index: int, graph: _Graph) -> np.ndarray:
+    value = graph.constant(node.input[index]) if len(node.input) > index and node.input[index] else None
+    if value is None:
+        raise _NotCam(node.op_type, "weights are not constants")
+    return np.asarray(value, dtype=np.float32)
+
+
+def _bias_vector(value: np.ndarray, classes: int, op: str) -> np.ndarray:
+    if value.size == 1:
+        return np.full(classes, value.reshape(()), dtype=np.float32)
+    if value.size == classes and value.shape[-1] == classes:
+        return value.reshape(classes).astype(np.float32)
+    raise _NotCam(op, f"bias of shape {value.shape} is not per class")
+
+
+def _linear(node: onnx.NodeProto, tensor: str, graph: _Graph, roles: list[str]):
+    """(weight (K, C), bias (K,) or None) of the classifier ``node`` fed by ``tensor``."""
+    op = node.op_type
+    big = [r for r in roles if r != "1"]
+    if op == "Gemm":
+        if node.input[0] != tensor:
+            raise _NotCam(op, "features enter as the second operand")
+        want = ["C", "N"] if _attr(node, "transA", 0) else ["N", "C"]
+        if roles != want:
+            raise _NotCam(op, "features are not a (batch, channels) matrix")
+        b = _constant_input(node, 1, graph)
+        weight = b if _attr(node, "transB", 0) else b.T
+        weight = np.float32(_attr(node, "alpha", 1.0)) * weight
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = np.float32(_attr(node, "beta", 1.0)) * _bias_vector(_constant_input(node, 2, graph),
+                                                                       weight.shape[0], op)
+        return weight, bias
+    if op == "MatMul":
+        if node.input[0] != tensor or not roles or roles[-1] != "C" or big[0] != "N":
+            raise _NotCam(op, "features are not on the last axis of the left operand")
+        b = _constant_input(node, 1, graph)
+        if b.ndim != 2:
+            raise _NotCam(op, "weights are not a matrix")
+        weight, bias = b.T, None
+        users = [n for n in graph.consumers.get(node.output[0], []) if n.op_type not in SHAPE_READERS]
+        if len(users) == 1 and users[0].op_type == "Add":
+            add = users[0]
+            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            value = graph.constant(other)
+            if value is not None:
+                bias = _bias_vector(np.asarray(value, dtype=np.float32), weight.shape[0], "Add")
+        return weight, bias
+    if op == "Conv":
+        if node.input[0] != tensor or roles[:2] != ["N", "C"] or len(roles) < 3:
+            raise _NotCam(op, "input is not (N, C, 1, …)")
+        w = _constant_input(node, 1, graph)
+        if _attr(node, "group", 1) != 1 or any(s != 1 for s in w.shape[2:]) or any(_attr(node, "pads", [])):
+            raise _NotCam(op, "not a 1×1 convolution without padding")
+        bias = _constant_input(node, 2, graph) if len(node.input) > 2 and node.input[2] else None
+        return w.reshape(w.shape[0], w.shape[1]), bias
+    raise _NotCam(op)
+
+
+def find_classifier_weights(model: onnx.ModelProto, activation: str) -> ClassifierHead:
+    """The classifier fed by the global average pooling of ``activation`` (a tensor name)."""
+    graph = _Graph(model)
+    producer = graph.producer.get(activation)
+    label = producer.name if producer is not None and producer.name else activation
+    path: list[str] = []
+    try:
+        tensor = activation
+        node = graph.next_node(tensor)
+        while node.op_type in PASS_THROUGH:
+            path.append(node.op_type)
+            tensor = node.output[0]
+            node = graph.next_node(tensor)
+        roles, layout = _pooling_roles(node, graph, graph.rank(tensor))
+        path.append(node.op_type)
+        tensor = node.output[0]
+        node = graph.next_node(tensor)
+        while node.op_type not in ("Gemm", "MatMul", "Conv"):
+            roles = _reshaping_roles(node, graph, roles)
+            path.append(node.op_type)
+            tensor = node.output[0]
+            node = graph.next_node(tensor)
+        weight, bias = _linear(node, tensor, graph, roles)
+    except _NotCam as err:
+        route = " → ".join(path + [err.op])
+        why = f" ({err.detail})" if err.detail else ""
+        raise OnnxcamError(f"CAM needs the node to feed global average pooling and then a linear classifier; "
+                           f"node {label!r} feeds {route}{why} instead — use --method gradcam") from None
+    channels = (graph.shapes.get(activation) or [None, None])
+    channels = channels[1] if layout == "channels_first" else channels[-1]
+    if channels and weight.shape[1] != channels:
+        raise OnnxcamError(f"the classifier after node {label!r} expects {weight.shape[1]} features but the "
+                           f"node has {channels} channels — use --method gradcam")
+    return ClassifierHead(np.ascontiguousarray(weight, dtype=np.float32),
+                          None if bias is None else np.ascontiguousarray(bias, dtype=np.float32), layout)
