@@ -65,24 +65,17 @@ def find_logits(proto: onnx.ModelProto, probabilities: bool = False) -> str:
     return name
 
 
-def _static_shape(proto: onnx.ModelProto, tensor: str) -> tuple | None:
-    for vi in list(proto.graph.output) + list(proto.graph.value_info):
-        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
-            return tuple(d.dim_value if d.HasField("dim_value") else None
-                         for d in vi.type.tensor_type.shape.dim)
-    return None
+def _dims(value_info: onnx.ValueInfoProto | None) -> tuple | None:
+    if value_info is None or not value_info.type.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
 
 
 def tensor_shape(proto: onnx.ModelProto, tensor: str) -> tuple | None:
     """Shape of a tensor from the graph's value infos or shape inference (None dims when symbolic)."""
-    shape = _static_shape(proto, tensor)
-    if shape is not None:
-        return shape
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception:
-        return None
-    return _static_shape(inferred, tensor)
+    declared = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)}
+    shape = _dims(declared.get(tensor))
+    return shape if shape is not None else _dims(_inferred_value_infos(proto).get(tensor))
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
@@ -144,6 +137,8 @@ def add_target_head(proto: onnx.ModelProto, logits: str) -> str:
 def set_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
     """Replace the graph outputs by ``names`` (in order, without repeats), keeping known types."""
     known = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)}
+    if any(name not in known for name in names):
+        known.update(_inferred_value_infos(proto))
     seen = []
     for name in names:
         if name not in seen:
@@ -158,6 +153,14 @@ def set_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
         outputs.append(vi)
     del proto.graph.output[:]
     proto.graph.output.extend(outputs)
+
+
+def _inferred_value_infos(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    return {vi.name: vi for vi in inferred.graph.value_info}
 
 
 def _check_tensors_exist(proto: onnx.ModelProto, tensors: list[str]) -> None:

@@ -1,0 +1,60 @@
+"""Tiny hand-built ONNX classifiers whose CAMs can be computed with a pencil (and NumPy)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def tiny_classifier(channels=4, classes=3, size=8, softmax=True, seed=0, batch="N",
+                    metadata=True) -> onnx.ModelProto:
+    """input (N,3,size,size) -> Conv 3x3 -> Relu [the node] -> GlobalAveragePool -> Flatten -> Gemm
+    (-> Softmax). Weights seeded; the Relu output is named 'act'."""
+    rng = np.random.default_rng(seed)
+    conv_w = rng.normal(0, 0.5, (channels, 3, 3, 3)).astype(np.float32)
+    conv_b = rng.normal(0, 0.1, (channels,)).astype(np.float32)
+    fc_w = rng.normal(0, 1.0, (classes, channels)).astype(np.float32)
+    fc_b = rng.normal(0, 0.1, (classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["conv"], name="/features/conv/Conv",
+                         pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["conv"], ["act"], name="/features/relu/Relu"),
+        helper.make_node("GlobalAveragePool", ["act"], ["pooled"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="/Flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    output = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], name="/Softmax", axis=1))
+        output = "probs"
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, classes])],
+        [numpy_helper.from_array(a, n) for a, n in
+         ((conv_w, "conv_w"), (conv_b, "conv_b"), (fc_w, "fc_w"), (fc_b, "fc_b"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    if metadata:
+        helper.set_model_props(model, {
+            "onnxcam.preprocess": json.dumps({"size": [size, size], "mean": [0.5, 0.5, 0.5],
+                                              "std": [0.25, 0.25, 0.25], "scale": 1 / 255,
+                                              "color": "RGB", "layout": "NCHW"}),
+            "onnxcam.class_names": json.dumps([f"class{i}" for i in range(classes)])})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fc_weights(model: onnx.ModelProto) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "fc_w"))
+
+
+def reference_gradcam_layer_map(activations: np.ndarray, fc_w: np.ndarray, targets) -> np.ndarray:
+    """Grad-CAM by hand for GAP -> linear: d z_c / d A[k, i, j] = W[c, k] / (H * W) exactly."""
+    n, _, h, w = activations.shape
+    weights = fc_w[np.asarray(targets)] / (h * w)                    # (N, C)
+    return np.maximum(np.einsum("nc,nchw->nhw", weights, activations), 0)
