@@ -1,0 +1,90 @@
+"""The Python API end to end on a tiny hand-built classifier whose Grad-CAM is known exactly."""
+import numpy as np
+import pytest
+
+import onnxcam
+from onnxcam import Explainer, OnnxcamError
+from onnxcam.methods.postprocess import fuse_layers, layer_to_input
+from tiny_models import fc_weights, reference_gradcam_layer_map, tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_classifier(channels=4, classes=3, size=8)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(3).normal(size=(5, 3, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def explainer(model):
+    return Explainer(model, "/features/relu/Relu", grad_backend="portable")
+
+
+def expected_maps(explainer, model, x, targets):
+    activations = explainer.forward(x)[1]
+    layer = reference_gradcam_layer_map(activations, fc_weights(model), targets)
+    return fuse_layers([layer_to_input(layer, (8, 8))])
+
+
+def test_gradcam_equals_the_closed_form(explainer, model, x):
+    result = explainer.explain(x)
+    logits = explainer.forward(x)[0]
+    np.testing.assert_array_equal(result.targets, logits.argmax(1))
+    np.testing.assert_allclose(result.scores, logits.max(1), rtol=1e-6)
+    assert result.maps.shape == (5, 8, 8) and result.maps.dtype == np.float32
+    np.testing.assert_allclose(result.maps, expected_maps(explainer, model, x, result.targets), atol=1e-5)
+    assert result.maps.min() >= 0 and result.maps.max() <= 1
+
+
+def test_explicit_targets_mixed_per_sample(explainer, model, x):
+    targets = [0, 1, 2, 1, 0]
+    result = explainer.explain(x, targets=targets)
+    np.testing.assert_array_equal(result.targets, targets)
+    np.testing.assert_allclose(result.maps, expected_maps(explainer, model, x, targets), atol=1e-5)
+
+
+def test_batching_does_not_change_maps(explainer, x):
+    whole = explainer.explain(x, targets=1).maps
+    chunked = explainer.explain(x, targets=1, batch_size=2).maps
+    np.testing.assert_allclose(whole, chunked, atol=1e-6)
+
+
+def test_cam_matches_gradcam_for_gap_linear_head(explainer, x):
+    """Theory: with GAP -> linear, Grad-CAM weights are the FC row / (H W): same normalised map."""
+    np.testing.assert_allclose(explainer.explain(x, "cam").maps, explainer.explain(x, "gradcam").maps,
+                               atol=1e-5)
+
+
+def test_every_method_runs_and_stays_in_unit_range(explainer, x):
+    for method in onnxcam.METHODS:
+        maps = explainer.explain(x[:2], method=method, targets=[0, 2]).maps
+        assert maps.shape == (2, 8, 8), method
+        assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6, method
+
+
+def test_explain_function_shortcut(model, x):
+    maps = onnxcam.explain(model, x[:1], node="auto", method="gradcam")
+    assert maps.shape == (1, 8, 8)
+
+
+def test_target_out_of_range(explainer, x):
+    with pytest.raises(OnnxcamError, match="out of range: the model has 3 classes"):
+        explainer.explain(x, targets=3)
+
+
+def test_wrong_input_size(explainer):
+    with pytest.raises(OnnxcamError, match="resize the input"):
+        explainer.explain(np.zeros((1, 3, 9, 9), np.float32))
+
+
+def test_unknown_method(explainer, x):
+    with pytest.raises(OnnxcamError, match="unknown CAM method"):
+        explainer.explain(x, method="gradcam+++")
+
+
+def test_non_spatial_node_is_refused(model):
+    with pytest.raises(OnnxcamError, match="no spatial axes"):
+        Explainer(model, "/fc/Gemm")
