@@ -4,7 +4,8 @@ CAM (Zhou et al. 2016) is only defined when the logits are a linear function of 
 activations, z = W · mean_S(A) + b. This module follows the graph from the activation tensor and returns
 W and b, or says precisely which op breaks the pattern.
 
-Accepted chain (Identity / Dropout allowed anywhere):
+Accepted chain (Identity / Dropout anywhere; Transposes before the pooling are followed so that the
+activation's own layout is reported):
   GlobalAveragePool | ReduceMean over every spatial axis (NC... or N...C; axes as attribute or input)
   → any of Flatten, Reshape, Squeeze, Unsqueeze, Transpose that keep batch and channel apart
   → Gemm (transA/transB, alpha, beta) | MatMul (+ Add bias) | Conv with a 1×1… kernel,
@@ -275,6 +276,27 @@ def _linear(node: onnx.NodeProto, tensor: str, graph: _Graph, roles: list[str]):
     raise _NotCam(op)
 
 
+def _compose(perm: list[int] | None, node: onnx.NodeProto, rank: int | None) -> list[int]:
+    step = _attr(node, "perm")
+    if step is None:
+        if rank is None:
+            raise _NotCam("Transpose", "axis order unknown")
+        step = list(range(rank))[::-1]
+    return [(perm[axis] if perm else axis) for axis in step]
+
+
+def _activation_layout(perm: list[int], pooled_layout: str) -> str:
+    """Layout of the activation itself when Transposes sit between it and the pooling."""
+    channel = perm[1] if pooled_layout == "channels_first" else perm[-1]
+    if perm[0] != 0:
+        raise _NotCam("Transpose", "moves the batch axis")
+    if channel == 1:
+        return "channels_first"
+    if channel == len(perm) - 1:
+        return "channels_last"
+    raise _NotCam("Transpose", "the channel axis is neither second nor last")
+
+
 def find_classifier_weights(model: onnx.ModelProto, activation: str) -> ClassifierHead:
     """The classifier fed by the global average pooling of ``activation`` (a tensor name)."""
     graph = _Graph(model)
@@ -284,11 +306,17 @@ def find_classifier_weights(model: onnx.ModelProto, activation: str) -> Classifi
     try:
         tensor = activation
         node = graph.next_node(tensor)
-        while node.op_type in PASS_THROUGH:
+        perm = None  # for each axis of the current tensor, the activation axis it comes from
+        while node.op_type in PASS_THROUGH or node.op_type == "Transpose":
+            if node.op_type == "Transpose":
+                perm = _compose(perm, node, graph.rank(tensor))
             path.append(node.op_type)
             tensor = node.output[0]
             node = graph.next_node(tensor)
-        roles, layout = _pooling_roles(node, graph, graph.rank(tensor))
+        rank = len(perm) if perm else graph.rank(tensor)
+        roles, layout = _pooling_roles(node, graph, rank)
+        if perm:
+            layout = _activation_layout(perm, layout)
         path.append(node.op_type)
         tensor = node.output[0]
         node = graph.next_node(tensor)
