@@ -1,0 +1,23 @@
+"""Vector-Jacobian rules, one per ONNX op type, registered by name.
+
+A rule is ``rule(e: Emitter, node, gy, need) -> list[str | None]``: ``gy[k]`` is the name of
+d score / d node.output[k] (None when that output does not reach the score), ``need[i]`` says whether
+node.input[i] wants a gradient; the rule returns one gradient name (or None) per input, each with that
+input's shape and type. A rule raises ``Unsupported`` for an attribute or input it cannot handle exactly.
+"""
+from __future__ import annotations
+
+from .base import Emitter, Unsupported, node_attrs  # noqa: F401
+
+RULES: dict[str, callable] = {}
+
+
+def rule(*op_types: str):
+    def register(fn):
+        for op_type in op_types:
+            RULES[op_type] = fn
+        return fn
+    return register
+
+
+from . import elementwise, linear, normalization, pooling, shaping  # noqa: E402,F401

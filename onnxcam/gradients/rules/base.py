@@ -1,0 +1,222 @@
+"""The emitter every gradient rule writes through: fresh names, constants, opset-aware helper ops.
+
+Rules never touch the model directly; they ask the ``Emitter`` for nodes, and the emitter knows the
+model's opset (so ``ReduceSum`` gets its axes as an input from opset 13 on, as an attribute before),
+the static shapes found by shape inference, and the values of constant tensors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+Dim = int | str | None
+Shape = list[Dim] | None
+
+
+class Unsupported(Exception):
+    """Raised by a rule when it has no exact gradient for this node (op, attribute or input)."""
+
+
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """The node's attributes as Python values (ints, floats, strings decoded, lists, tensors)."""
+    out = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode()
+        out[a.name] = value
+    return out
+
+
+class Emitter:
+    """Collects the backward nodes; answers questions about forward tensors."""
+
+    def __init__(self, opset: int, types: dict[str, tuple[int, Shape]], constants: dict[str, np.ndarray],
+                 taken: set[str], prefix: str = "onnxcam_bw"):
+        self.opset = opset
+        self._types = dict(types)
+        self._constants = constants
+        self._taken = taken
+        self._prefix = prefix
+        self._count = 0
+        self.nodes: list[onnx.NodeProto] = []
+        self._shape_cache: dict[str, str] = {}
+        self._const_cache: dict[tuple, str] = {}
+
+    # ---- names and nodes -------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        while True:
+            self._count += 1
+            name = f"{self._prefix}/{self._count}_{hint}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs):
+        """Append one node; return its output name (or the list of names when n_out > 1)."""
+        name = self.fresh(op_type)
+        outputs = [f"{name}:{i}" for i in range(n_out)]
+        self._taken.update(outputs)
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    # ---- constants -----------------------------------------------------------------------------
+    def const(self, value: np.ndarray) -> str:
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self._const_cache:
+            name = self.fresh("Constant")
+            self._taken.add(name)
+            self.nodes.append(helper.make_node("Constant", [], [name], name=name + "_node",
+                                               value=numpy_helper.from_array(value, name)))
+            self._types[name] = (helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+            self._constants[name] = value
+            self._const_cache[key] = name
+        return self._const_cache[key]
+
+    def np_dtype(self, like: str):
+        return helper.tensor_dtype_to_np_dtype(self.dtype(like))
+
+    def scalar(self, value: float, like: str) -> str:
+        """A 0-d constant with the float type of tensor ``like``."""
+        if self.dtype(like) == TensorProto.BFLOAT16:
+            return self.op("Cast", [self.const(np.array(value, np.float32))], to=TensorProto.BFLOAT16)
+        return self.const(np.array(value, dtype=self.np_dtype(like)))
+
+    def array(self, value, like: str) -> str:
+        if self.dtype(like) == TensorProto.BFLOAT16:
+            return self.op("Cast", [self.const(np.asarray(value, np.float32))], to=TensorProto.BFLOAT16)
+        return self.const(np.asarray(value, dtype=self.np_dtype(like)))
+
+    def ints(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64).reshape(-1))
+
+    # ---- what is known about forward tensors --------------------------------------------------
+    def dtype(self, name: str) -> int:
+        t = self._types.get(name)
+        if t is None or not t[0]:
+            raise Unsupported(f"element type of tensor {name!r} unknown (shape inference failed)")
+        return t[0]
+
+    def shape(self, name: str) -> Shape:
+        t = self._types.get(name)
+        return None if t is None else t[1]
+
+    def set_type(self, name: str, elem_type: int, shape: Shape) -> None:
+        self._types[name] = (elem_type, shape)
+
+    def rank(self, name: str) -> int:
+        s = self.shape(name)
+        if s is None:
+            raise Unsupported(f"rank of tensor {name!r} unknown (shape inference failed)")
+        return len(s)
+
+    def static(self, name: str) -> tuple[int, ...] | None:
+        s = self.shape(name)
+        if s is None or not all(isinstance(d, int) for d in s):
+            return None
+        return tuple(s)
+
+    def static_dims(self, name: str, axes) -> list[int]:
+        s = self.shape(name)
+        dims = [None if s is None else s[a] for a in axes]
+        if not all(isinstance(d, int) for d in dims):
+            raise Unsupported(f"needs static sizes of axes {list(axes)} of tensor {name!r}, got {s}")
+        return dims
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (initializer or Constant output), else None."""
+        if not name:
+            return None
+        return self._constants.get(name)
+
+    def required_value(self, name: str, what: str) -> np.ndarray:
+        v = self.value(name)
+        if v is None:
+            raise Unsupported(f"{what} must be a constant (initializer or Constant node)")
+        return v
+
+    # ---- opset-aware helper ops -----------------------------------------------------------------
+    def shape_of(self, x: str) -> str:
+        if x not in self._shape_cache:
+            self._shape_cache[x] = self.op("Shape", [x])
+        return self._shape_cache[x]
+
+    def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
+        axes = [int(a) for a in axes]
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
+        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
+
+    def unsqueeze(self, x: str, axes) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.ints(axes)])
+        return self.op("Unsqueeze", [x], axes=axes)
+
+    def squeeze(self, x: str, axes) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 13:
+            return self.op("Squeeze", [x, self.ints(axes)])
+        return self.op("Squeeze", [x], axes=axes)
+
+    def zeros_like(self, x: str) -> str:
+        zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(self.dtype(x))), "")
+        return self.op("ConstantOfShape", [self.shape_of(x)], value=zero)
+
+    def reshape_like(self, g: str, target: str) -> str:
+        """Reshape a gradient to the shape of forward tensor ``target`` (constant shape when static)."""
+        s = self.static(target)
+        shape = self.ints(s) if s is not None else self.shape_of(target)
+        return self.op("Reshape", [g, shape])
+
+    def transpose_last_two(self, x: str, rank: int) -> str:
+        perm = list(range(rank))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return self.op("Transpose", [x], perm=perm)
+
+    def unbroadcast(self, g: str, g_shape: Shape, target: str, target_shape: Shape = None) -> str:
+        """Sum a gradient of the broadcast shape ``g_shape`` back to the shape of ``target``.
+
+        Static shapes give constant axes; dims that are only known at run time use a Shape-based
+        reduction (opset 13+, where ReduceSum takes its axes as a tensor).
+        """
+        ts = target_shape if target_shape is not None else self.shape(target)
+        if ts is not None and g_shape is not None:
+            lead = len(g_shape) - len(ts)
+            if lead < 0:
+                raise Unsupported(f"gradient rank {len(g_shape)} below operand rank {len(ts)}")
+            axes, dynamic = list(range(lead)), False
+            for i, td in enumerate(ts):
+                gd = g_shape[lead + i]
+                if td == 1:
+                    if gd != 1:
+                        axes.append(lead + i)
+                elif isinstance(td, int) or (isinstance(td, str) and td == gd):
+                    continue
+                else:
+                    dynamic = True
+            if not dynamic:
+                if not axes:
+                    return g
+                out = self.reduce("ReduceSum", g, axes, keepdims=1)
+                return self.squeeze(out, range(lead)) if lead else out
+        return self._dynamic_unbroadcast(g, target)
+
+    def _dynamic_unbroadcast(self, g: str, target: str) -> str:
+        if self.opset < 13:
+            raise Unsupported("broadcast with run-time-only shapes needs opset 13+ for the reduction")
+        g_shape, t_shape = self.op("Shape", [g]), self.shape_of(target)
+        lead = self.op("Sub", [self.op("Size", [g_shape]), self.op("Size", [t_shape])])
+        ones = self.op("ConstantOfShape", [self.unsqueeze(lead, [0])],
+                       value=numpy_helper.from_array(np.ones(1, np.int64), ""))
+        padded = self.op("Concat", [ones, t_shape], axis=0)
+        differs = self.op("Not", [self.op("Equal", [padded, g_shape])])
+        axes = self.op("Reshape", [self.op("NonZero", [differs]), self.ints([-1])])
+        summed = self.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
+        return self.op("Reshape", [summed, t_shape])
