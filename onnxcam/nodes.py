@@ -36,8 +36,9 @@ _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tens
 _GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 _REDUCE_POOLS = {"ReduceMean", "ReduceMax"}
 _WINDOW_POOLS = {"AveragePool", "MaxPool", "LpPool"}
-# Ops between a layer and the global pool that change nothing a user would pick a layer for.
-_TRIVIA = {"Identity", "Dropout", "Cast", "Transpose"}
+# Ops between a layer and the global pool that change nothing a user would pick a layer for. Transpose
+# is kept: in tf2onnx exports it gives the Keras layer's own (channels-last) output, as `--node out_relu` does.
+_TRIVIA = {"Identity", "Dropout", "Cast"}
 _NOT_LAYERS = {"Constant", "ConstantOfShape"}
 
 
@@ -46,7 +47,7 @@ class NodeInfo:
     name: str                      # node name ("" for an unnamed node; `tensor` is always unique)
     op_type: str
     tensor: str                    # first output tensor
-    shape: tuple | None            # int or None per dim; None when the rank is unknown
+    shape: tuple | None            # int, or None for a symbolic dim (the batch); None when rank unknown
     scope: str                     # module path, components joined by "/"; "" at the root
     index: int                     # position in graph.node
     spatial: bool                  # float rank 3-5 with spatial axes > 1
@@ -61,7 +62,12 @@ def list_candidates(model: onnx.ModelProto,
     types = _inferred_types(model)
     unknown = [node.output[0] for node in _layer_nodes(model) if _needs_probe(types.get(node.output[0]))]
     if unknown:
-        types.update(_probe_types(model, unknown, probe_input_shapes))
+        symbolic_batch = _has_symbolic_batch(model)
+        for tensor, (elem_type, shape) in _probe_types(model, unknown, probe_input_shapes).items():
+            inferred = types.get(tensor, (None, None))[1]
+            if symbolic_batch and inferred is not None and len(inferred) == len(shape) and inferred[0] is None:
+                shape = (None,) + shape[1:]  # the batch stays symbolic, as in the shapes inference knew
+            types[tensor] = (elem_type, shape)
     candidates = []
     for index, node in enumerate(model.graph.node):
         if node.op_type in _NOT_LAYERS or not node.output or not node.output[0]:
@@ -107,6 +113,14 @@ def _parse_dynamo_scopes(value: str) -> list[str] | None:
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
         return None
     return [item for item in items[:-1] if item]  # drop the root '' and the trailing FX node name
+
+
+def _has_symbolic_batch(model: onnx.ModelProto) -> bool:
+    for value_info in model.graph.input:
+        dims = value_info.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            return True
+    return False
 
 
 def _layer_nodes(model: onnx.ModelProto):
@@ -221,7 +235,7 @@ def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
 
 def default_node(candidates: list[NodeInfo], model: onnx.ModelProto) -> NodeInfo:
     """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
-    ``layer4[-1]``), looking through Identity/Dropout/Cast/Transpose; else the last spatial candidate."""
+    ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate."""
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     producers = {output: node for node in model.graph.node for output in node.output}
     pooled = [node.input[0] for node in model.graph.node
@@ -421,7 +435,7 @@ def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
             " " if candidate.spatial else "-")
         rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, candidate.tensor,
-                     _format_shape(candidate.shape), candidate.scope or "."))
+                     _format_shape(candidate.shape), candidate.scope))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join(("-" if column else " ") * width for column, width in enumerate(widths)).rstrip())
