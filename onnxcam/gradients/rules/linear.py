@@ -27,7 +27,7 @@ def gemm(e: Emitter, node, gy, need):
 
     ga = gb = gc = None
     if need[0]:
-        ga = gemm_op(B, g, ta & tb, 1 - tb) if ta else gemm_op(g, B, 0, 1 - tb)
+        ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1 - tb)
     if need[1]:
         gb = gemm_op(g, A, 1, ta) if tb else gemm_op(A, g, 1 - ta, 0)
     if len(node.input) > 2 and need[2]:

@@ -43,7 +43,7 @@ def batch_norm(e: Emitter, node, gy, need):
     x, scale, var = node.input[0], node.input[1], node.input[4]
     std = e.op("Sqrt", [e.op("Add", [var, e.scalar(a.get("epsilon", 1e-5), var)])])
     factor = e.op("Div", [scale, std])
-    if e.dtype(factor) != e.dtype(x):
+    if e.dtype(scale) != e.dtype(x):
         factor = e.op("Cast", [factor], to=e.dtype(x))
     return [e.op("Mul", [gy[0], _per_channel(e, factor, e.rank(x))])] + [None] * 4
 
