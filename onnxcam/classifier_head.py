@@ -165,6 +165,8 @@ def _reshape_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> lis
     shape = graph.constant(node.input[1])
     if shape is None:
         rank = graph.rank(node.output[0])
+        if rank is None and graph.shapes.get(node.input[1]):
+            rank = graph.shapes[node.input[1]][0]  # the shape vector's length is the output rank
         if rank == 2 and len(big) == 2:
             return big
         raise _NotCam("Reshape", "shape computed at run time")
