@@ -371,3 +371,174 @@ def test_layer_norm(axis, opset):
 def test_instance_norm():
     assert_gradients_match(one("InstanceNormalization", "x", "s", "b", epsilon=1e-3), {"x": rand(2, 3, 4, 3, dtype=F32)},
                            {"s": rand(3, dtype=F32, seed=1), "b": rand(3, dtype=F32, seed=2)})
+
+
+def _shape_case(name, nodes, x_shape, consts=None, opset=17, dtype=F64):
+    return pytest.param(nodes, x_shape, consts or {}, opset, dtype, id=name)
+
+
+def _ints(*v):
+    return np.array(v, np.int64)
+
+
+SHAPE_OPS = [
+    _shape_case("Reshape", one("Reshape", "x", "s"), (2, 3, 4), {"s": _ints(4, -1)}),
+    _shape_case("Flatten", one("Flatten", "x", axis=2), (2, 3, 4, 2)),
+    _shape_case("Squeeze-input", one("Squeeze", "x", "a"), (2, 1, 4), {"a": _ints(1)}),
+    _shape_case("Squeeze-attr", one("Squeeze", "x", axes=[1]), (2, 1, 4), opset=12),
+    _shape_case("Unsqueeze-input", one("Unsqueeze", "x", "a"), (2, 4), {"a": _ints(0, 3)}),
+    _shape_case("Unsqueeze-attr", one("Unsqueeze", "x", axes=[1]), (2, 4), opset=11),
+    _shape_case("Transpose", one("Transpose", "x", perm=[2, 0, 1]), (2, 3, 4)),
+    _shape_case("Transpose-default", one("Transpose", "x"), (2, 3, 4)),
+    _shape_case("Identity", one("Identity", "x"), (2, 3)),
+    _shape_case("Dropout", one("Dropout", "x"), (2, 3), dtype=F32),
+    _shape_case("Cast-f32-f64", one("Cast", "x", to=TensorProto.DOUBLE), (2, 3), dtype=F32),
+    _shape_case("Concat-self", one("Concat", "x", "c", "x", axis=1), (2, 3, 2), {"c": rand(2, 2, 2, seed=7)}),
+    _shape_case("Slice", one("Slice", "x", "st", "en"), (4, 5), {"st": _ints(1, 0), "en": _ints(3, -1)}),
+    _shape_case("Slice-steps", one("Slice", "x", "st", "en", "ax", "sp"), (3, 7, 8),
+                {"st": _ints(1, -1), "en": _ints(100, 0), "ax": _ints(1, 2), "sp": _ints(2, -3)}),
+    _shape_case("Slice-reverse", one("Slice", "x", "st", "en", "ax", "sp"), (3, 5),
+                {"st": _ints(-1), "en": _ints(-1000), "ax": _ints(-1), "sp": _ints(-1)}),
+    _shape_case("Slice-empty", one("Slice", "x", "st", "en"), (3, 5), {"st": _ints(2), "en": _ints(2)}),
+    _shape_case("Gather-scalar", one("Gather", "x", "i", axis=1), (2, 4, 3), {"i": np.array(-2, np.int64)}),
+    _shape_case("Gather-repeats", one("Gather", "x", "i", axis=1), (2, 4, 3), {"i": _ints(3, 0, 3)}),
+    _shape_case("Gather-2d-last", one("Gather", "x", "i", axis=2), (2, 4, 3), {"i": np.array([[0, 2], [2, 2]])}),
+    _shape_case("Pad", one("Pad", "x", "p"), (2, 3, 4), {"p": _ints(0, 1, 2, 1, 0, -1)}),
+    _shape_case("Pad-value-axes", one("Pad", "x", "p", "v", "ax"), (2, 3, 4),
+                {"p": _ints(1, 2, 0, 3), "v": np.array(1.5), "ax": _ints(2, 0)}, opset=18),
+    _shape_case("Expand", one("Expand", "x", "s"), (3, 1), {"s": _ints(2, 3, 4)}),
+    _shape_case("Where", one("Where", "c", "x", "x2"), (2, 3), {"c": np.array([True, False, True]),
+                                                                  "x2": rand(2, 1, seed=3)}),
+    _shape_case("Split-attr", [h.make_node("Split", ["x"], ["y", "u"], axis=1, split=[1, 3])], (2, 4), opset=11),
+    _shape_case("Split-input", [h.make_node("Split", ["x", "sp"], ["u", "y"], axis=0)], (5, 2), {"sp": _ints(2, 3)}),
+    _shape_case("Split-num-outputs", [h.make_node("Split", ["x"], ["y", "u", "v"], axis=1, num_outputs=3)],
+                (2, 6), opset=18),
+]
+
+
+@pytest.mark.parametrize("nodes,x_shape,consts,opset,dtype", SHAPE_OPS)
+def test_shape_ops(nodes, x_shape, consts, opset, dtype):
+    consts = {k: (v.astype(dtype) if v.dtype == np.float64 else v) for k, v in consts.items()}
+    assert_gradients_match(nodes, {"x": rand(*x_shape, dtype=dtype)}, consts, opset=opset)
+
+
+def test_dynamic_concat_and_split_zero_fill():
+    """Concat along an axis whose sizes are only known at run time; a Split output that is unused."""
+    x = rand(2, 3)
+    model = graph_model(one("Concat", "x", "x", axis=0), {"x": x})
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    (g,) = gradients(model, {"x": x}, ["x"])
+    np.testing.assert_allclose(g, finite_differences(model, {"x": x}, "x", 1e-6), rtol=1e-6, atol=1e-8)
+
+
+RESIZES = [
+    ("nearest", "asymmetric", "floor", (1, 1, 3, 4), [1, 1, 2, 2]),
+    ("nearest", "half_pixel", "round_prefer_floor", (1, 2, 3, 4), [1, 1, 2.5, 1.5]),
+    ("nearest", "align_corners", "round_prefer_ceil", (1, 1, 4, 3), [1, 1, 0.5, 2]),
+    ("linear", "half_pixel", None, (1, 2, 3, 4), [1, 1, 2, 2]),
+    ("linear", "pytorch_half_pixel", None, (1, 1, 4, 5), [1, 1, 0.5, 1.7]),
+    ("linear", "align_corners", None, (1, 1, 3, 4), [1, 1, 2, 3]),
+    ("linear", "asymmetric", None, (2, 3, 5), [1, 1, 1.6]),
+    ("linear", "half_pixel", None, (1, 1, 2, 3, 2), [1, 1, 2, 1, 1.5]),
+]
+
+
+@pytest.mark.parametrize("mode,transform,nearest,xs,scales", RESIZES, ids=[f"{r[0]}-{r[1]}" for r in RESIZES])
+@pytest.mark.parametrize("by_sizes", [False, True])
+def test_resize(mode, transform, nearest, xs, scales, by_sizes):
+    attrs = {"mode": mode, "coordinate_transformation_mode": transform}
+    if nearest:
+        attrs["nearest_mode"] = nearest
+    if by_sizes:
+        sizes = _ints(*[int(np.floor(n * s)) for n, s in zip(xs, scales)])
+        nodes, consts = one("Resize", "x", "", "", "sizes", **attrs), {"sizes": sizes}
+    else:
+        nodes, consts = one("Resize", "x", "", "scales", **attrs), {"scales": np.array(scales, F32)}
+    assert_gradients_match(nodes, {"x": rand(*xs, dtype=F32)}, consts, opset=13)
+
+
+# ---- what is (not) differentiated ----------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["Mod", "Det"])
+def test_unsupported_op_on_the_path_is_an_error(op):
+    x = rand(2, 3, 3, dtype=F32) + 5  # ORT has Det in float32 only
+    nodes = [h.make_node("Relu", ["x"], ["r"], name="/a/relu"),
+             h.make_node(op, ["r", "r"] if op == "Mod" else ["r"], ["m"], name="/a/b/" + op, **({"fmod": 1} if op == "Mod" else {})),
+             h.make_node("Mul", ["m", "m"], ["y"])]
+    model = graph_model(nodes, {"x": x})
+    assert portable.unsupported_ops(model, "score", ["x"]) == [f"{op} (node /a/b/{op}): no gradient rule for this op"]
+    assert portable.unsupported_ops(model, "score", ["m"]) == []
+    with pytest.raises(OnnxcamError, match=f"{op} \\(node /a/b/{op}\\)"):
+        portable.build(model, "score", ["x"])
+
+
+def test_unsupported_attribute_is_reported():
+    nodes = one("Pad", "x", "p", mode="reflect")
+    model = graph_model(nodes, {"x": rand(2, 4)}, {"p": _ints(0, 1, 0, 1)})
+    assert portable.unsupported_ops(model, "score", ["x"]) == ["Pad (node y): mode='reflect' (only constant padding)"]
+
+
+def test_ops_off_the_path_need_no_rule():
+    """Det feeds the score but not from x; Mod depends on x but does not reach the score."""
+    x = rand(3, 3, dtype=F32)
+    nodes = [h.make_node("Det", ["c"], ["d"]), h.make_node("Mod", ["x", "c"], ["unused"], fmod=1),
+             h.make_node("Mul", ["x", "d"], ["y"])]
+    consts = {"c": rand(3, 3, seed=9, dtype=F32)}
+    model = graph_model(nodes, {"x": x}, consts, outputs=("y", "unused"))
+    assert portable.unsupported_ops(model, "score", ["x"]) == []
+    assert_gradients_match(nodes, {"x": x}, consts)
+
+
+def test_wrt_not_reaching_score_gets_zeros_and_original_outputs_stay():
+    x = rand(2, 3)
+    nodes = [h.make_node("Relu", ["x"], ["side"]), h.make_node("Sigmoid", ["b"], ["y"])]
+    model = graph_model(nodes, {"x": x, "b": rand(2, 3, seed=1)}, outputs=("y", "side"))
+    built = portable.build(model, "score", ["side", "y"])
+    onnx.checker.check_model(built, full_check=True)
+    assert [o.name for o in built.graph.output] == ["y", "side", "score", gradient_name("side"), gradient_name("y")]
+    side_grad, y_grad = session(built).run([gradient_name("side"), gradient_name("y")], {"x": x, "b": x})
+    np.testing.assert_array_equal(side_grad, np.zeros_like(x))
+    assert y_grad.shape == x.shape and np.abs(y_grad).sum() > 0
+
+
+def test_input_model_is_not_mutated():
+    model = graph_model(one("MaxPool", "x", kernel_shape=[2, 2]), {"x": rand(1, 1, 4, 4, dtype=F32)})
+    before = model.SerializeToString()
+    portable.build(model, "score", ["x"])
+    assert model.SerializeToString() == before
+
+
+def test_explainer_target_head_treats_argmax_path_as_constant():
+    """The score head surgery adds: W_eff = W + onehot(argmax z) * (1 - has_any(W)); score = sum(z * W_eff)."""
+    n, k = 3, 5
+    a = rand(n, 4, dtype=F32)
+    weight = rand(4, k, dtype=F32, seed=2)
+    nodes = [
+        h.make_node("MatMul", ["act", "fc"], ["z"]),
+        h.make_node("ArgMax", ["z"], ["arg"], axis=1, keepdims=0),
+        h.make_node("OneHot", ["arg", "depth", "values"], ["onehot"], axis=-1),
+        h.make_node("Cast", ["onehot"], ["w_auto"], to=TensorProto.FLOAT),
+        h.make_node("Abs", ["onnxcam_target_weights"], ["w_abs"]),
+        h.make_node("ReduceSum", ["w_abs", "one_axis"], ["w_sum"], keepdims=1),
+        h.make_node("Greater", ["w_sum", "zero"], ["has_bool"]),
+        h.make_node("Cast", ["has_bool"], ["has"], to=TensorProto.FLOAT),
+        h.make_node("Sub", ["one", "has"], ["no_w"]),
+        h.make_node("Mul", ["w_auto", "no_w"], ["w_fill"]),
+        h.make_node("Add", ["onnxcam_target_weights", "w_fill"], ["w_eff"]),
+        h.make_node("Mul", ["z", "w_eff"], ["zw"]),
+        h.make_node("ReduceSum", ["zw"], ["score"], keepdims=0),
+    ]
+    consts = {"fc": weight, "depth": np.array(k, np.int64), "values": np.array([0, 1], np.int64),
+              "one_axis": _ints(1), "zero": np.array(0, F32), "one": np.array(1, F32)}
+    inputs = {"act": a, "onnxcam_target_weights": np.zeros((n, k), F32)}
+    model = graph_model(nodes, inputs, consts, outputs=("z", "score"), score_of=None)
+    assert portable.unsupported_ops(model, "score", ["act"]) == []
+    built = portable.build(model, "score", ["act"])
+    onnx.checker.check_model(built, full_check=True)
+    sess = session(built)
+    z, g = sess.run(["z", gradient_name("act")], inputs)
+    np.testing.assert_allclose(g, weight.T[z.argmax(1)], rtol=1e-6)
+    w = np.zeros((n, k), F32)
+    w[:, 1] = 1
+    (g1,) = sess.run([gradient_name("act")], {**inputs, "onnxcam_target_weights": w})
+    np.testing.assert_allclose(g1, np.tile(weight.T[1], (n, 1)), rtol=1e-6)
