@@ -27,7 +27,7 @@ def build(nodes, initializers, act_shape, opset=13):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, None]),
          helper.make_tensor_value_info("act", TensorProto.FLOAT, act_shape)],
         initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)  # older ORTs too
     onnx.checker.check_model(model, full_check=True)
     return model
 
