@@ -184,7 +184,9 @@ def _probe_types(model: onnx.ModelProto, tensors: list[str],
         values = session.run(tensors, feeds)
     except Exception as error:
         message = " ".join(str(error).split())
-        raise OnnxcamError(f"could not run the model on zeros to measure layer shapes: {message[:300]}; "
+        if len(message) > 400:  # ORT puts source paths in the middle and the reason at the end
+            message = f"{message[:120]} ... {message[-260:]}"
+        raise OnnxcamError(f"could not run the model on zeros to measure layer shapes: {message}; "
                            "check the input shapes given (probe_input_shapes / --input-shape)") from None
     result = {}
     for tensor, value in zip(tensors, values):
@@ -304,9 +306,10 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
     """The node a user means by ``spec``; exact names beat module scopes (see module docstring).
 
     Accepted, in this order of preference: ``auto``; a node name; an output tensor name (``:0`` may be
-    left off); a module scope (``layer4``, ``/layer4``, ``layer4.1``, ``layer4.1.relu``, Keras ``out_relu``
-    for scope ``out_relu_1``) meaning its last spatial node; a scope plus an op type or op name
-    (``/layer4/Relu``: the last Relu inside layer4; ``Relu`` alone: the last Relu of the graph).
+    left off); a module scope (``layer4``, ``/layer4``, ``layer4.1``, ``layer4.1.relu``) meaning its last
+    spatial node; a scope plus an op type or op name (``/layer4/Relu``: the last Relu inside layer4;
+    ``Relu`` alone: the last Relu of the graph); a torch module whose parameters feed a node
+    (``_conv_head`` for weight ``_conv_head.weight``); last, a Keras layer ``out_relu`` for scope ``out_relu_1``.
     """
     spec = spec.strip()
     if spec.lower() == "auto":
@@ -322,8 +325,15 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
     parts = [part for part in spec.split("/") if part]
     if parts:
         # exact spellings before Keras-style `_1` suffixes; paths from the root before nested ones
-        for loose, anchored, with_op in itertools.product((False, True), (True, False), (False, True)):
-            inside = _nodes_in_scope(nodes, parts, anchored, loose, with_op)
+        searches = [lambda: _nodes_in_scope(nodes, parts, True, False, False),
+                    lambda: _nodes_in_scope(nodes, parts, True, False, True),
+                    lambda: _nodes_in_scope(nodes, parts, False, False, False),
+                    lambda: _nodes_in_scope(nodes, parts, False, False, True),
+                    lambda: _nodes_using_parameters_of(model, nodes, ".".join(parts))]
+        searches += [lambda anchored=anchored, with_op=with_op: _nodes_in_scope(nodes, parts, anchored, True, with_op)
+                     for anchored, with_op in itertools.product((True, False), (False, True))]
+        for search in searches:
+            inside = search()
             if inside:
                 spatial = [by_tensor[node.output[0]] for node in inside
                            if node.output[0] in by_tensor and by_tensor[node.output[0]].spatial]
@@ -346,6 +356,14 @@ def _nodes_in_scope(nodes, parts: list[str], anchored: bool, loose: bool, with_o
         if _scope_contains(node_scope(node), scope_parts, anchored, loose):
             found.append(node)
     return found
+
+
+def _nodes_using_parameters_of(model: onnx.ModelProto, nodes, module: str) -> list[onnx.NodeProto]:
+    """Nodes fed by the module's parameters (``_conv_head.weight``): the dynamo exporter folds a Conv
+    and its BatchNorm into one node scoped under the BatchNorm, so the Conv's name survives only there."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [node for node in nodes if node.output and node.output[0]
+            and any(name in initializers and name.rsplit(".", 1)[0] == module for name in node.input)]
 
 
 def _scope_contains(scope: list[str], parts: list[str], anchored: bool, loose: bool) -> bool:

@@ -12,52 +12,55 @@ from onnxcam import nodes
 from onnxcam.errors import OnnxcamError
 from onnxcam.nodes import default_node, format_table, has_spatial_axes, list_candidates, resolve_node
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
+
+# ---------------------------------------------------------------- torch exports
 
 
-# ---------------------------------------------------------------- torch models, named like torchvision
+def _tiny_resnet():
+    """torchvision naming (`layer4` of BasicBlocks whose one `relu` module is called twice) plus an
+    EfficientNet-style `_blocks` ModuleList. torch is needed only here: the hand-built tests run without it."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
 
+    class BasicBlock(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(channels)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
 
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock naming: one `relu` module called twice."""
+        def forward(self, x):
+            y = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.conv2(y) + x)
 
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+    class TinyResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.relu = nn.ReLU()
+            self._blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)])
+            self.layer4 = nn.Sequential(BasicBlock(8), BasicBlock(8))
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 5)
 
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.conv2(y) + x)
+        def forward(self, x):
+            x = self.relu(self.conv1(x))
+            for block in self._blocks:
+                x = torch.relu(block(x))
+            x = self.layer4(x)
+            return self.fc(torch.flatten(self.avgpool(x), 1))
 
-
-class TinyResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.relu = nn.ReLU()
-        self._blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)])
-        self.layer4 = nn.Sequential(BasicBlock(8), BasicBlock(8))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        x = self.relu(self.conv1(x))
-        for block in self._blocks:
-            x = torch.relu(block(x))
-        x = self.layer4(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    return torch, TinyResNet().eval()
 
 
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):
+    torch, net = _tiny_resnet()
     path = tmp_path_factory.mktemp("legacy") / "resnet.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(TinyResNet().eval(), torch.randn(1, 3, 16, 16), str(path), dynamo=False,
+        torch.onnx.export(net, torch.randn(1, 3, 16, 16), str(path), dynamo=False,
                           opset_version=17, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model = onnx.load(str(path))
@@ -66,10 +69,11 @@ def legacy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dynamo(tmp_path_factory):
+    torch, net = _tiny_resnet()
     path = tmp_path_factory.mktemp("dynamo") / "resnet.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(TinyResNet().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=True,
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=True,
                           verbose=False)
     model = onnx.load(str(path))
     return model, list_candidates(model)
@@ -107,6 +111,7 @@ def test_dynamo_scopes_come_from_name_scopes_metadata(dynamo):
     ("layer4.1", "/layer4/layer4.1/relu_1/Relu"),
     ("layer4.0", "/layer4/layer4.0/relu_1/Relu"),
     ("layer4/layer4.0/conv2", "/layer4/layer4.0/conv2/Conv"),
+    ("layer4.0.conv1", "/layer4/layer4.0/conv1/Conv"),
     ("layer4.0.conv2", "/layer4/layer4.0/conv2/Conv"),
     ("layer4/0/conv2", "/layer4/layer4.0/conv2/Conv"),
     ("layer4.1/Add", "/layer4/layer4.1/Add"),
@@ -139,6 +144,14 @@ def test_resolve_on_legacy_export(legacy, spec, expected):
 def test_resolve_on_dynamo_export(dynamo, spec, expected):
     model, candidates = dynamo
     assert resolve_node(model, spec, candidates).name == expected
+
+
+def test_dynamo_folded_conv_is_found_by_its_weight_name(dynamo):
+    model, candidates = dynamo
+    chosen = resolve_node(model, "layer4.0.conv1", candidates)
+    node = model.graph.node[chosen.index]
+    assert node.op_type == "Conv" and "layer4.0.conv1.weight" in node.input
+    assert chosen.scope == "layer4/layer4.0/layer4.0.bn1"  # the exporter scoped the fused node under bn1
 
 
 def test_default_is_the_layer_entering_global_pool(legacy, dynamo):
@@ -194,7 +207,8 @@ def _weight(name, *shape):
 
 def _model(nodes_, inputs, outputs, initializers=(), opset=17):
     graph = helper.make_graph(nodes_, "g", inputs, outputs, list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    # IR 8 so that the older onnxruntime-training build (the other test venv) loads it too
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 def _float(name, shape):
