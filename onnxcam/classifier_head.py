@@ -86,9 +86,27 @@ class _Graph:
         return users[0]
 
 
+SMALL_CONSTANT_ELEMENTS = 1024  # shape-like constants that shape inference may need to read
+
+
+def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model's graph with large initializers reduced to type and dims: shape inference needs no more,
+    and copying a ResNet-50's weights made it 20× slower."""
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                            functions=model.functions)
+    graph = light.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) > SMALL_CONSTANT_ELEMENTS:
+            init = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+        graph.initializer.append(init)
+    return light
+
+
 def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_without_weight_data(model))
     except Exception:  # shape inference is a help here, never a requirement
         inferred = model
     g = inferred.graph
