@@ -3,8 +3,9 @@
 ONNX Runtime 1.19.2's GradientGraphBuilder has no gradient for inference BatchNormalization, Dropout
 without a mask, HardSigmoid/HardSwish, PRelu, Elu, Selu, Softplus, Mish, Sum, Mean, GlobalMaxPool,
 ReduceMax/ReduceMin and InstanceNormalization; its Split gradient is wrong when one part carries no
-gradient; it fails on LayerNormalization without its optional outputs and on a node that reads the same
-tensor twice (Concat(a, a), Where(c, a, a)); its Resize gradient has no CPU kernel. Each rewrite below
+gradient; it fails on LayerNormalization without its optional outputs or sharing its weights with another
+node, and on a node that reads the same tensor twice (Concat(a, a), Where(c, a, a)); its Resize gradient
+has no CPU kernel. Each rewrite below
 computes the same function (outputs equal to float rounding) with ops the builder does differentiate.
 
 Only the top-level graph is rewritten. Nothing here imports onnxruntime.
@@ -12,6 +13,7 @@ Only the top-level graph is rewritten. Nothing here imports onnxruntime.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -57,8 +59,8 @@ class _Rewriter:
                 attr = node.attribute[0]
                 if attr.name == "value":
                     self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
-        self.consumed = {name for node in graph.node for name in node.input}
-        self.consumed |= {o.name for o in graph.output}
+        self.readers = Counter(name for node in graph.node for name in set(node.input))
+        self.consumed = set(self.readers) | {o.name for o in graph.output}
         self.shapes = _inferred_shapes(model)
 
     def name(self, node: onnx.NodeProto, what: str) -> str:
@@ -223,8 +225,16 @@ def _dropout(rw: _Rewriter, node):
 
 
 def _layer_norm(rw: _Rewriter, node):
-    """The builder's LayerNormalization gradient reads the optional Mean and InvStdDev outputs."""
-    if len(node.output) == 3 and all(node.output):
+    """Give LayerNormalization its optional Mean and InvStdDev outputs, which the builder's gradient
+    reads, and its own copy of a scale or bias shared with other nodes: the gradient always emits
+    ``<scale>_grad`` and ``<bias>_grad``, so two LayerNorms sharing weights would define them twice."""
+    copies = []
+    inputs = list(node.input)
+    for i in (1, 2):
+        if i < len(inputs) and inputs[i] and rw.readers[inputs[i]] > 1:
+            copy, inputs[i] = _op(rw, node, "Identity", [inputs[i]], "scale_copy" if i == 1 else "bias_copy")
+            copies.append(copy)
+    if not copies and len(node.output) == 3 and all(node.output):
         return None
     outputs = list(node.output) + [""] * (3 - len(node.output))
     outputs[1] = outputs[1] or rw.name(node, "mean")
@@ -233,7 +243,9 @@ def _layer_norm(rw: _Rewriter, node):
     copy.CopyFrom(node)
     del copy.output[:]
     copy.output.extend(outputs)
-    return [copy]
+    del copy.input[:]
+    copy.input.extend(inputs)
+    return copies + [copy]
 
 
 def _split(rw: _Rewriter, node):

@@ -55,6 +55,9 @@ CASES = {
                                 helper.make_node("Mul", ["d", "mf"], ["y"])], []), "Dropout"),
     "layernorm": (make([helper.make_node("LayerNormalization", ["x", "lg", "lb"], ["y"], axis=-1)],
                        [f32("lg", RNG.uniform(0.5, 1.5, 6)), f32("lb", RNG.normal(size=6))]), None),
+    "layernorm_shared_weights": (make([helper.make_node("LayerNormalization", ["x", "lg", "lb"], ["l1"], axis=-1),
+                                       helper.make_node("LayerNormalization", ["l1", "lg", "lb"], ["y"], axis=1)],
+                                      [f32("lg", RNG.uniform(0.5, 1.5, 6)), f32("lb", RNG.normal(size=6))]), None),
     "split_sizes_partly_used": (make([helper.make_node("Split", ["x", "sp"], ["y", "unused"], axis=1)],
                                      [i64("sp", [1, 3])], opset=13), "Split"),
     "split_equal_opset18": (make([helper.make_node("Split", ["x"], ["a", "b"], axis=-1, num_outputs=2),
@@ -129,6 +132,12 @@ def test_layernorm_gets_its_optional_outputs():
     canonical = canonicalize_for_gradients(CASES["layernorm"][0])
     (node,) = canonical.graph.node
     assert len(node.output) == 3 and all(o.startswith(PREFIX) for o in node.output[1:])
+
+
+def test_layernorms_sharing_weights_get_their_own_copies():
+    canonical = canonicalize_for_gradients(CASES["layernorm_shared_weights"][0])
+    norms = [n for n in canonical.graph.node if n.op_type == "LayerNormalization"]
+    assert len({n.input[1] for n in norms}) == 2 and len({n.input[2] for n in norms}) == 2
 
 
 def test_batchnorm_constants_are_folded_per_channel():

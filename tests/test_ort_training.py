@@ -104,7 +104,7 @@ def run_named(model, feeds):
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
-def with_perturbation(model, tensor):
+def with_perturbation(model, tensor, score="score"):
     """Same model with an input ``delta`` added to ``tensor`` before its consumers; score as output."""
     perturbed = onnx.ModelProto()
     perturbed.CopyFrom(model)
@@ -116,24 +116,24 @@ def with_perturbation(model, tensor):
     graph.node.append(helper.make_node("Add", [tensor, "delta"], [tensor + "_perturbed"]))
     graph.input.append(helper.make_tensor_value_info("delta", TensorProto.FLOAT, None))
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, []))
+    graph.output.append(helper.make_tensor_value_info(score, TensorProto.FLOAT, []))
     return perturbed
 
 
-def finite_difference_check(model, tensor, feeds, gradient, eps=1e-2, coordinates=12, seed=1):
+def finite_difference_check(model, tensor, feeds, gradient, eps=1e-2, coordinates=12, seed=1, score="score"):
     """Finite differences on random coordinates and along one random direction.
 
     A coordinate within eps of a ReLU/Clip kink has different one-sided slopes; the analytic gradient
     then equals one of them, so the forward, backward and central differences are all accepted.
     """
     rng = np.random.default_rng(seed)
-    sess = session(with_perturbation(model, tensor))
+    sess = session(with_perturbation(model, tensor, score))
 
-    def score(delta):
+    def score_at(delta):
         return float(sess.run(None, {**feeds, "delta": delta.astype(np.float32)})[0])
 
     def close(analytic, delta, step):
-        here, up, down = score(0 * delta), score(delta), score(-delta)
+        here, up, down = score_at(0 * delta), score_at(delta), score_at(-delta)
         slopes = [(up - down) / (2 * step), (up - here) / step, (here - down) / step]
         return min(abs(s - analytic) - 1e-2 * abs(s) for s in slopes) <= 1e-3, (slopes, analytic)
 
@@ -229,7 +229,8 @@ def test_only_the_backward_path_to_the_chosen_tensor_is_built():
 
 
 def transformer_block():
-    """Tokens -> LayerNorm -> qkv MatMul -> Split -> attention (Softmax) -> residual -> Erf-GELU MLP
+    """Tokens -> LayerNorm -> qkv MatMul -> Split -> attention (Softmax) -> residual -> LayerNorm with the
+    same weights -> Erf-GELU MLP
     -> ReduceMean over tokens (opset 18 axes input) -> Gemm -> score head."""
     g = Graph(seed=3)
     d = 8
@@ -243,7 +244,8 @@ def transformer_block():
     g.node("Softmax", ["scaled"], "attention", axis=-1)
     g.node("MatMul", ["attention", "v"], "mixed")
     g.node("Add", ["x", "mixed"], "residual")
-    g.node("MatMul", ["residual", g.random("w_mlp", (d, d), 0.4)], "hidden")
+    g.node("LayerNormalization", ["residual", "ln_g", "ln_b"], "ln2", axis=-1)  # weights shared, as in exports
+    g.node("MatMul", ["ln2", g.random("w_mlp", (d, d), 0.4)], "hidden")
     g.node("Div", ["hidden", g.const("sqrt2", np.sqrt(2))], "hidden_scaled")
     g.node("Erf", ["hidden_scaled"], "erf")
     g.node("Add", ["erf", g.const("one_f", 1.0)], "erf_1")
