@@ -299,3 +299,55 @@ def test_an_op_without_gradient_is_named_in_the_error():
         build(model, "score", ["no_such_tensor"])
     with pytest.raises(OnnxcamError, match="does not depend"):
         build(model, "score", ["argmax"])
+
+
+def _op_between_conv_and_pool(case):
+    """Conv -> <op under test> -> GlobalAveragePool -> Flatten -> Gemm -> score head; wrt = the Conv output."""
+    g = Graph(seed=5)
+    g.node("Conv", ["x", g.random("w", (4, 3, 3, 3), 0.5), g.random("b", 4, 0.2)], "conv", pads=[1, 1, 1, 1])
+    channels = 4
+    if case == "hardswish":
+        g.node("HardSwish", ["conv"], "act")
+    elif case == "hardsigmoid":
+        g.node("HardSigmoid", ["conv"], "act", alpha=0.3, beta=0.4)
+    elif case == "prelu":
+        g.node("PRelu", ["conv", g.const("slope", [[[0.1]], [[0.2]], [[0.3]], [[0.4]]])], "act")
+    elif case == "elu_selu":
+        g.node("Elu", ["conv"], "elu", alpha=0.8)
+        g.node("Selu", ["elu"], "act")
+    elif case == "mish_softplus":
+        g.node("Mish", ["conv"], "mish")
+        g.node("Softplus", ["mish"], "act")
+    elif case == "sum_mean":
+        g.node("Relu", ["conv"], "relu")
+        g.node("Sum", ["conv", "relu", "conv"], "sum")
+        g.node("Mean", ["sum", "relu"], "act")
+    elif case == "instance_norm":
+        g.node("InstanceNormalization", ["conv", g.random("in_s", 4), g.random("in_b", 4)], "act")
+    elif case == "resize_linear":
+        g.node("Resize", ["conv", "", g.const("scales", [1, 1, 2, 1.5])], "act", mode="linear")
+    elif case == "dropout_split":
+        g.node("Dropout", ["conv", g.const("ratio", 0.4)], "dropped")
+        g.nodes.append(helper.make_node("Split", ["dropped", g.const("parts", [3, 1], np.int64)],
+                                        ["act", "unused"], axis=1))
+        channels = 3
+    elif case == "max_pools":
+        g.node("GlobalMaxPool", ["conv"], "gmp")
+        g.node("ReduceMax", ["conv", g.const("axes", [-1], np.int64)], "rmax", keepdims=1)
+        g.node("Add", ["rmax", "gmp"], "act")
+    g.node("GlobalAveragePool", ["act"], "gap")
+    g.node("Flatten", ["gap"], "flat")
+    g.node("Gemm", ["flat", g.random("fc", (K, channels)), g.random("fc_b", K)], "logits", transB=1)
+    g.score_head("logits")
+    return g.model(["N", 3, 8, 8], ["logits"], opset=18)
+
+
+@pytest.mark.parametrize("case", ["hardswish", "hardsigmoid", "prelu", "elu_selu", "mish_softplus", "sum_mean",
+                                  "instance_norm", "resize_linear", "dropout_split", "max_pools"])
+def test_canonicalized_ops_have_correct_gradients(case):
+    model = _op_between_conv_and_pool(case)
+    feeds = feeds_for(batch=2)
+    feeds["x"] *= 2
+    out = run_named(build(model, "score", ["conv"]), feeds)
+    np.testing.assert_allclose(out["logits"], run_named(model, feeds)["logits"], rtol=1e-5, atol=1e-5)
+    finite_difference_check(model, "conv", feeds, out[gradient_name("conv")], eps=1e-3)
