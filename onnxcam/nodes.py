@@ -444,15 +444,23 @@ def _format_shape(shape: tuple | None) -> str:
     return "(" + ", ".join("?" if dim is None else str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _short_tensor(candidate: NodeInfo) -> str:
+    """``…_output_0`` / ``…:0`` where the tensor repeats the node name (legacy torch, tf2onnx)."""
+    if candidate.name and candidate.tensor.startswith(candidate.name) and candidate.tensor != candidate.name:
+        return "…" + candidate.tensor[len(candidate.name):]
+    return candidate.tensor
+
+
 def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
     """The `onnxcam nodes` listing: one row per candidate, `*` on the default, `-` on maps without
-    spatial axes (pooled outputs cannot be explained)."""
+    spatial axes (pooled outputs cannot be explained). A tensor that repeats its node's name is
+    abbreviated to ``…<suffix>``; the node name is accepted by --node all the same."""
     header = ("", "node", "op", "output tensor", "shape", "scope")
     rows = [header]
     for candidate in candidates:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
             " " if candidate.spatial else "-")
-        rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, candidate.tensor,
+        rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, _short_tensor(candidate),
                      _format_shape(candidate.shape), candidate.scope))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

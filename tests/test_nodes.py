@@ -190,7 +190,8 @@ def test_table_marks_default_and_aligns_columns(legacy):
     assert lines[0].split() == ["node", "op", "output", "tensor", "shape", "scope"]
     default_rows = [line for line in lines if line.startswith("*  ")]
     assert len(default_rows) == 1 and "/layer4/layer4.1/relu_1/Relu" in default_rows[0]
-    assert "(?, 8, 8, 8)" in default_rows[0] and "layer4/layer4.1/relu_1" in default_rows[0]
+    assert "(?, 8, 8, 8)" in default_rows[0] and default_rows[0].rstrip().endswith("  layer4/layer4.1/relu_1")
+    assert "  …_output_0  " in default_rows[0]  # the tensor name repeats the node name: abbreviated
     rows = lines[2:2 + len(candidates)]
     op_column = lines[0].index("op")
     assert all(row[op_column - 2:op_column] == "  " and row[op_column] != " " for row in rows)
