@@ -164,6 +164,7 @@ def test_last_layer_gradient_is_exact_for_each_row_of_the_head():
     model, g = small_cnn()
     feeds = feeds_for()
     augmented = build(model, "score", ["a2"])
+    onnx.checker.check_model(augmented, full_check=True)
     out = run_named(augmented, feeds)
     assert list(out) == ["logits", gradient_name("a2")]
     reference = run_named(model, feeds)["logits"]
@@ -282,6 +283,17 @@ def test_opsets_outside_the_runtime_range_are_converted(opset):
     reference, _ = small_cnn(clip=True)
     expected = run_named(build(reference, "score", ["a1"]), feeds)[gradient_name("a1")]
     np.testing.assert_allclose(out[gradient_name("a1")], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_an_opset_that_cannot_be_converted_says_what_to_do():
+    nodes = [helper.make_node("RMSNormalization", ["x", "s"], ["r"], axis=-1),
+             helper.make_node("ReduceSum", ["r"], ["score"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    with pytest.raises(OnnxcamError, match="opset 23.*re-export the model with opset 21"):
+        build(model, "score", ["r"])
 
 
 def test_an_op_without_gradient_is_named_in_the_error():
