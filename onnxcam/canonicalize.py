@@ -30,7 +30,9 @@ def canonicalize_for_gradients(model: onnx.ModelProto) -> onnx.ModelProto:
     result.CopyFrom(model)
     rewriter = _Rewriter(result)
     new_nodes: list[onnx.NodeProto] = []
-    for node in result.graph.node:
+    for original in result.graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)  # detached from the graph that is rebuilt below
         rule = _RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         replacement = rule(rewriter, node) if rule else None
         new_nodes.extend([node] if replacement is None else replacement)
