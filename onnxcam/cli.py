@@ -155,9 +155,14 @@ def _progress_printer(label: str):
 @click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
+                                                                 "the model's metadata).")
+@click.option("--target-mask", type=click.Path(dir_okay=False),
+              help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
+                   "(.npy array or image; nonzero pixels count), sized like the output map.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite):
+            overwrite, labels, target_mask):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -176,7 +181,12 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                           layout=preprocessing.layout, probabilities=probabilities,
                           input_shape=_probe_shape(loaded, preprocessing))
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
-    runner = FileExplainer(explainer, preprocessing, out_dir, methods, target=_target(target, loaded),
+    class_names = read_labels(labels) if labels else loaded.class_names
+    mask = read_mask(target_mask) if target_mask else None
+    if mask is not None and target is None:
+        raise OnnxcamError("--target-mask needs --target CLASS: the class whose logits the mask sums")
+    runner = FileExplainer(explainer, preprocessing, out_dir, methods,
+                           target=_target(target, class_names), target_mask=mask, class_names=class_names,
                            top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
                            overwrite=overwrite, max_channels=max_channels,
                            progress=_progress_printer("score-cam"))
@@ -196,12 +206,38 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                                "skipped": runner.skipped, "results": summaries}, indent=2))
 
 
-def _target(text: str | None, model):
+def read_labels(path: str) -> list[str]:
+    from pathlib import Path
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxcamError(f"cannot read --labels {path} ({exc}); give a UTF-8 text file, one name per line") from exc
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise OnnxcamError(f"--labels {path} holds no class names; give one name per line")
+    return names
+
+
+def read_mask(path: str):
+    """A float mask from a .npy array or an image (nonzero pixels are 1)."""
+    import numpy as np
+    from pathlib import Path
+
+    from .imaging import read_image
+    if Path(path).suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False).astype(np.float32)
+        except Exception as exc:
+            raise OnnxcamError(f"--target-mask {path} is not a readable .npy array ({exc})") from exc
+    return (read_image(path).max(axis=-1) > 0).astype(np.float32)
+
+
+def _target(text: str | None, class_names):
     if text is None:
         return None
     if text.lstrip("-").isdigit():
         return int(text)
-    names = model.class_names or []
+    names = class_names or []
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:
         return lowered.index(text.lower())

@@ -18,7 +18,8 @@ from .methods.scorecam import scorecam_weights
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
 from .runtime import Runner
-from .surgery import AugmentedModel, build_forward_model, build_gradient_augmented_model, tensor_shape, find_logits
+from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
+                      find_logits, tensor_shape)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Explainer:
         self._gradient_model: tuple[AugmentedModel, Runner] | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._num_classes: int | None = None
+        self._logits_shapes: dict[tuple, tuple] = {}
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
@@ -101,7 +103,7 @@ class Explainer:
         """K, from the logits' static shape or one forward run when it is symbolic."""
         if self._num_classes is None:
             shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
-            if shape is not None and len(shape) == 2 and shape[1]:
+            if shape is not None and len(shape) >= 2 and shape[1]:
                 self._num_classes = int(shape[1])
             elif x is not None:
                 self._num_classes = int(self.forward(x[:1])[0].shape[1])
@@ -169,38 +171,78 @@ class Explainer:
         return array.astype(np.int64)
 
     def explain(self, x, method: str = "gradcam", targets=None, batch_size: int | None = None,
-                max_channels: int | None = None, progress=None) -> Explanation:
-        """Explain a preprocessed batch ``x`` (the model's own layout) with ``method``."""
+                max_channels: int | None = None, progress=None, target_mask=None) -> Explanation:
+        """Explain a preprocessed batch ``x`` (the model's own layout) with ``method``.
+
+        ``target_mask``: for models whose output is a map (N, K, *S), the score is the target class's
+        logits summed over this mask (shape S, or (N, *S)); without it, over the whole map.
+        """
         start = time.perf_counter()
         spec = get_method(method)
         x = self.check_input(x)
         n = x.shape[0]
         wanted = self._targets(targets, n, self.num_classes(x)) if targets is not None else None
+        mask = None if target_mask is None else np.asarray(target_mask, np.float32)
         step = batch_size or n
         parts = []
         for lo in range(0, n, step):
             part_targets = None if wanted is None else wanted[lo:lo + step]
-            parts.append(self._explain_batch(x[lo:lo + step], spec, part_targets, max_channels, progress,
-                                             batch_size))
-        maps = np.concatenate([p[0] for p in parts])
-        logits = np.concatenate([p[1] for p in parts])
-        chosen = np.concatenate([p[2] for p in parts])
-        layer_maps = [np.concatenate([p[3][i] for p in parts]) for i in range(len(self.nodes))]
-        scores = logits[np.arange(n), chosen] if logits.ndim == 2 else np.zeros(n, np.float32)
-        return Explanation(maps, chosen, scores.astype(np.float32), logits, spec.name,
-                           [node.name for node in self.nodes], layer_maps, time.perf_counter() - start)
+            per_sample = mask is not None and mask.ndim == self._output_rank(x) - 1
+            part_mask = mask[lo:lo + step] if per_sample else mask
+            parts.append(self._explain_batch(x[lo:lo + step], spec, part_targets, part_mask, max_channels,
+                                             progress, batch_size))
+        maps, logits, chosen, scores = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        layer_maps = [np.concatenate([p[4][i] for p in parts]) for i in range(len(self.nodes))]
+        return Explanation(maps, chosen, scores, logits, spec.name, [node.name for node in self.nodes],
+                           layer_maps, time.perf_counter() - start)
 
-    def _explain_batch(self, x, spec, targets, max_channels, progress, batch_size):
+    def _output_rank(self, x: np.ndarray) -> int:
+        shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
+        return len(shape) if shape is not None else self.forward(x[:1])[0].ndim
+
+    def target_weights(self, logits_shape: tuple, targets: np.ndarray | None,
+                       mask: np.ndarray | None) -> np.ndarray:
+        """W for the score head: zero rows (arg-max) or one-hot rows; for map outputs, the target
+        class's plane holds the mask (or ones)."""
+        weights = np.zeros(logits_shape, np.float32)
+        n = logits_shape[0]
+        if len(logits_shape) == 2:
+            if mask is not None:
+                raise OnnxcamError("--target-mask applies to models whose output is a map (N, K, H, W); "
+                                   f"this model outputs {tuple(logits_shape)}")
+            if targets is not None:
+                weights[np.arange(n), targets] = 1.0
+            return weights
+        if targets is None:
+            raise OnnxcamError(f"the model outputs a map {tuple(logits_shape)}; say which class to explain "
+                               "with --target (and optionally --target-mask)")
+        plane = np.ones(logits_shape[2:], np.float32)
+        if mask is not None:
+            expected = tuple(logits_shape[2:])
+            if mask.shape not in (expected, (n, *expected)):
+                raise OnnxcamError(f"--target-mask has shape {mask.shape} but the model's output map is "
+                                   f"{expected}; give a mask of that size")
+            plane = mask
+        weights[np.arange(n), targets] = plane
+        return weights
+
+    def _explain_batch(self, x, spec, targets, mask, max_channels, progress, batch_size):
+        n = x.shape[0]
         if spec.needs_gradients:
             augmented, runner = self.gradient_session()
-            weights = np.zeros((x.shape[0], self.num_classes(x)), np.float32)
-            if targets is not None:
-                weights[np.arange(x.shape[0]), targets] = 1.0
-            outputs = runner.run({augmented.input_name: x, "onnxcam_target_weights": weights})
+            logits_shape = self._logits_shape(x)
+            weights = self.target_weights(logits_shape, targets, mask)
+            outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: weights})
         else:
             outputs = self.forward(x)
         logits = outputs[0]
-        chosen = targets if targets is not None else np.argmax(logits.reshape(len(x), -1), axis=1)
+        if logits.ndim > 2:
+            weights = self.target_weights(logits.shape, targets, mask)
+            chosen = targets
+            scores = (logits * weights).reshape(n, -1).sum(1)
+        else:
+            chosen = targets if targets is not None else np.argmax(logits, axis=1)
+            scores = logits[np.arange(n), chosen]
         m = len(self.nodes)
         activations = [self._channels_first(a, x) for a in outputs[1:1 + m]]
         gradients = [self._channels_first(g, x, like=a) for g, a in zip(outputs[1 + m:1 + 2 * m],
@@ -213,31 +255,54 @@ class Explainer:
                 head = find_classifier_weights(self.model.proto, node.tensor)
                 layer_maps.append(spec.layer_map(a, head.weight[chosen]))
             elif spec.needs_forward:
-                layer_maps.append(spec.layer_map(a, self._scorecam_weights(x, a, chosen, node, batch_size,
+                layer_maps.append(spec.layer_map(a, self._scorecam_weights(x, a, chosen, weights if logits.ndim > 2
+                                                                           else None, node, batch_size,
                                                                            max_channels, progress)))
             else:
                 layer_maps.append(spec.layer_map(a))
         size = self.input_spatial(x)
         maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
-        return maps.astype(np.float32), logits, chosen.astype(np.int64), layer_maps
+        return (maps.astype(np.float32), logits, np.asarray(chosen, np.int64), scores.astype(np.float32),
+                layer_maps)
+
+    def _logits_shape(self, x: np.ndarray) -> tuple:
+        """Shape of the scored output for batch ``x`` (static when known, else from one forward run)."""
+        shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
+        if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return (x.shape[0], *shape[1:])
+        key = x.shape[1:]
+        if key not in self._logits_shapes:
+            self._logits_shapes[key] = tuple(self.forward(x[:1])[0].shape[1:])
+        return (x.shape[0], *self._logits_shapes[key])
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like
         layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)
         return layouts.to_channels_first(array, layout)
 
-    def _scorecam_weights(self, x, a, chosen, node, batch_size, max_channels, progress):
+    def _scorecam_weights(self, x, a, chosen, map_weights, node, batch_size, max_channels, progress):
         size = self.input_spatial(x)
         if a.ndim - 2 != len(size):
             raise OnnxcamError(f"Score-CAM needs the node's spatial axes to match the input's; node "
                                f"{node.name} has {a.ndim - 2} spatial axes, the input {len(size)}")
         x_first = layouts.to_channels_first(x, self.input_layout)
+        options = dict(batch_size=batch_size or 32, max_channels=max_channels, progress=progress)
+        if map_weights is None:
+            return scorecam_weights(a, x_first, chosen, self._masked_logits(None), **options)
+        # map outputs: each sample scores its target plane summed over its own mask
+        return np.concatenate([
+            scorecam_weights(a[i:i + 1], x_first[i:i + 1], chosen[i:i + 1],
+                             self._masked_logits(map_weights[i, chosen[i]]), **options)
+            for i in range(len(x))])
 
+    def _masked_logits(self, plane: np.ndarray | None):
+        """forward_logits for Score-CAM: channels-first batch -> (B, K) scores."""
         def forward_logits(batch: np.ndarray) -> np.ndarray:
-            return self.forward(layouts.to_layout(batch.astype(np.float32), self.input_layout))[0]
-
-        return scorecam_weights(a, x_first, chosen, forward_logits, batch_size=batch_size or 32,
-                                max_channels=max_channels, progress=progress)
+            logits = self.forward(layouts.to_layout(batch.astype(np.float32), self.input_layout))[0]
+            if plane is None:
+                return logits
+            return (logits * plane).reshape(logits.shape[0], logits.shape[1], -1).sum(-1)
+        return forward_logits
 
 
 def _shape_text(shape) -> str:

@@ -99,7 +99,8 @@ class FileExplainer:
     def __init__(self, explainer: Explainer, preprocessing: Preprocessing, out_dir: str | Path,
                  methods: list[str], target=None, top_k: int | None = None, alpha: float = 0.5,
                  save_npy: bool = False, batch_size: int = 16, overwrite: bool = False,
-                 max_channels: int | None = None, progress=None):
+                 max_channels: int | None = None, progress=None, target_mask=None,
+                 class_names: list[str] | None = None):
         if top_k is not None and target is not None:
             raise OnnxcamError("--target and --top-k exclude each other; pass one of them")
         self.explainer = explainer
@@ -114,7 +115,8 @@ class FileExplainer:
         self.overwrite = overwrite
         self.max_channels = max_channels
         self.progress = progress
-        self.class_names = explainer.model.class_names
+        self.target_mask = target_mask
+        self.class_names = class_names if class_names is not None else explainer.model.class_names
 
     def class_name(self, index: int) -> str | None:
         if self.class_names and 0 <= index < len(self.class_names):
@@ -158,7 +160,7 @@ class FileExplainer:
             for method in self.methods:
                 explanations[method] = self.explainer.explain(
                     x, method=method, targets=targets, batch_size=self.batch_size,
-                    max_channels=self.max_channels, progress=self.progress)
+                    max_channels=self.max_channels, progress=self.progress, target_mask=self.target_mask)
             for i, item in enumerate(items):
                 yield from self._write(item, i, explanations, rank, rank_tag, protected)
 

@@ -187,7 +187,7 @@ def _probe_types(model: onnx.ModelProto, tensors: list[str],
         if len(message) > 400:  # ORT puts source paths in the middle and the reason at the end
             message = f"{message[:120]} ... {message[-260:]}"
         raise OnnxcamError(f"could not run the model on zeros to measure layer shapes: {message}; "
-                           "check the input shapes given (probe_input_shapes / --input-shape)") from None
+                           "check the input size given (--size, or Explainer(input_shape=...))") from None
     result = {}
     for tensor, value in zip(tensors, values):
         value = np.asarray(value)
@@ -217,7 +217,7 @@ def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
     if not tensor_type.HasField("shape"):
         raise OnnxcamError(f"input {value_info.name!r} has no declared shape, so layer shapes need one run "
                            f"at a size you choose; give it, e.g. probe_input_shapes="
-                           f"{{{value_info.name!r}: (1, 3, 224, 224)}} (CLI: --input-shape)")
+                           f"{{{value_info.name!r}: (1, 3, 224, 224)}} (CLI: --size 224,224)")
     dims = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
             for dim in tensor_type.shape.dim]
     if dims and not isinstance(dims[0], int):
@@ -228,7 +228,7 @@ def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
         raise OnnxcamError(f"input {value_info.name!r} has symbolic axes {', '.join(map(str, symbolic))} "
                            f"(shape {_format_shape(tuple(dims))}), so layer shapes need one run at a size you "
                            f"choose; give it, e.g. probe_input_shapes={{{value_info.name!r}: {example}}} "
-                           f"(CLI: --input-shape {value_info.name}={','.join(map(str, example))})")
+                           f"(CLI: --size HEIGHT,WIDTH; Python: Explainer(..., input_shape={example}))")
     return tuple(dims)
 
 

@@ -170,3 +170,29 @@ def test_output_never_overwrites_an_input(files):
 def test_top_k_larger_than_class_count(files):
     model, images, tmp = files
     one_line_error(invoke("explain", model, images[0], "--top-k", "5", "--out", tmp / "o"), "larger than")
+
+
+def test_labels_file_names_the_classes(files):
+    model, images, tmp = files
+    labels = tmp / "labels.txt"
+    labels.write_text("zero\none\ntwo\n")
+    result = invoke("explain", model, images[0], "--labels", labels, "--target", "two", "--json",
+                    "--out", tmp / "o")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["results"][0]["class_name"] == "two"
+
+
+def test_target_mask_on_a_segmentation_model(files):
+    from tiny_models import tiny_segmenter
+    _, images, tmp = files
+    seg = tmp / "seg.onnx"
+    onnx.save(tiny_segmenter(), str(seg))
+    mask = np.zeros((8, 8), np.float32)
+    mask[:4] = 1
+    np.save(tmp / "mask.npy", mask)
+    args = ("explain", seg, images[0], "--size", "8,8", "--out", tmp / "o", "--json")
+    result = invoke(*args, "--target", "1", "--target-mask", tmp / "mask.npy")
+    assert result.exit_code == 0, result.output
+    np.save(tmp / "bad.npy", np.ones((3, 3), np.float32))
+    one_line_error(invoke(*args[:-1], "--target", "1", "--target-mask", tmp / "bad.npy"), "output map is")
+    one_line_error(invoke(*args[:-1], "--target-mask", tmp / "mask.npy"), "needs --target")

@@ -58,3 +58,25 @@ def reference_gradcam_layer_map(activations: np.ndarray, fc_w: np.ndarray, targe
     n, _, h, w = activations.shape
     weights = fc_w[np.asarray(targets)] / (h * w)                    # (N, C)
     return np.maximum(np.einsum("nc,nchw->nhw", weights, activations), 0)
+
+
+def tiny_segmenter(channels=4, classes=3, size=8, seed=0) -> onnx.ModelProto:
+    """input (N,3,size,size) -> Conv 3x3 -> Relu ['act'] -> Conv 1x1 -> per-pixel logits (N,K,size,size).
+    d (sum of class c over mask M) / d A[k,i,j] = W[c,k] * M[i,j] exactly."""
+    rng = np.random.default_rng(seed)
+    conv_w = rng.normal(0, 0.5, (channels, 3, 3, 3)).astype(np.float32)
+    head_w = rng.normal(0, 1.0, (classes, channels, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w"], ["conv"], name="/enc/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["act"], name="/enc/Relu"),
+        helper.make_node("Conv", ["act", "head_w"], ["logits"], name="/head/Conv"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_seg",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes, size, size])],
+        [numpy_helper.from_array(conv_w, "conv_w"), numpy_helper.from_array(head_w, "head_w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
