@@ -190,7 +190,7 @@ def test_target_mask_on_a_segmentation_model(files):
     mask = np.zeros((8, 8), np.float32)
     mask[:4] = 1
     np.save(tmp / "mask.npy", mask)
-    args = ("explain", seg, images[0], "--size", "8,8", "--out", tmp / "o", "--json")
+    args = ("explain", seg, images[0], "--size", "8,8", "--out", tmp / "o", "--overwrite", "--json")
     result = invoke(*args, "--target", "1", "--target-mask", tmp / "mask.npy")
     assert result.exit_code == 0, result.output
     np.save(tmp / "bad.npy", np.ones((3, 3), np.float32))
