@@ -4,6 +4,7 @@ import pytest
 
 import onnxcam
 from onnxcam import Explainer, OnnxcamError
+from onnxcam.gradients import ort_training_available
 from onnxcam.methods.postprocess import fuse_layers, layer_to_input
 from tiny_models import fc_weights, reference_gradcam_layer_map, tiny_classifier
 
@@ -18,9 +19,11 @@ def x():
     return np.random.default_rng(3).normal(size=(5, 3, 8, 8)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def explainer(model):
-    return Explainer(model, "/features/relu/Relu", grad_backend="portable")
+@pytest.fixture(scope="module", params=["portable", "ort-training"])
+def explainer(model, request):
+    if request.param == "ort-training" and not ort_training_available():
+        pytest.skip("needs onnxruntime-training")
+    return Explainer(model, "/features/relu/Relu", grad_backend=request.param)
 
 
 def expected_maps(explainer, model, x, targets):

@@ -80,3 +80,54 @@ def tiny_segmenter(channels=4, classes=3, size=8, seed=0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def small_resnet(seed=0, nhwc=False) -> onnx.ModelProto:
+    """A residual CNN with the ops real exports use: Conv+BatchNormalization+Relu, MaxPool, a depthwise
+    Conv with Clip (ReLU6), a residual Add, GlobalAveragePool, Flatten, Gemm, Softmax.
+    With ``nhwc`` the input is channels-last and Transposes wrap the network, tf2onnx style.
+    Intermediate tensors worth explaining: 'stem' (early), 'res' (late)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.3):
+        return rng.normal(0, scale, shape).astype(np.float32)
+
+    inits = {
+        "c1_w": w(8, 3, 3, 3), "bn_s": (1 + 0.1 * rng.normal(size=8)).astype(np.float32),
+        "bn_b": w(8, scale=0.1), "bn_m": w(8, scale=0.1), "bn_v": (1 + rng.random(8)).astype(np.float32),
+        "dw_w": w(8, 1, 3, 3), "c2_w": w(8, 8, 1, 1), "c2_b": w(8, scale=0.1),
+        "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32),
+        "fc_w": w(5, 8, scale=1.0), "fc_b": w(5, scale=0.1),
+    }
+    first = "input"
+    nodes = []
+    if nhwc:
+        nodes.append(helper.make_node("Transpose", ["input"], ["input_nchw"], name="model/to_nchw",
+                                      perm=[0, 3, 1, 2]))
+        first = "input_nchw"
+    nodes += [
+        helper.make_node("Conv", [first, "c1_w"], ["c1"], name="model/stem/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"],
+                         name="model/stem/BatchNorm", epsilon=1e-3),
+        helper.make_node("Relu", ["bn"], ["stem"], name="model/stem/Relu"),
+        helper.make_node("MaxPool", ["stem"], ["pool"], name="model/pool/MaxPool", kernel_shape=[3, 3],
+                         strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["pool", "dw_w"], ["dw"], name="model/block/dw/Conv", group=8,
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["dw", "lo", "hi"], ["dw6"], name="model/block/relu6/Clip"),
+        helper.make_node("Conv", ["dw6", "c2_w", "c2_b"], ["c2"], name="model/block/pw/Conv"),
+        helper.make_node("Add", ["c2", "pool"], ["res"], name="model/block/Add"),
+        helper.make_node("GlobalAveragePool", ["res"], ["gap"], name="model/gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="model/flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="model/fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="model/softmax", axis=1),
+    ]
+    shape = ["N", 16, 16, 3] if nhwc else ["N", 3, 16, 16]
+    graph = helper.make_graph(nodes, "small_resnet",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
