@@ -238,6 +238,9 @@ CONVS = [  # input shape, weight shape, attrs
     ((1, 2, 7, 6), (4, 2, 3, 3), {"strides": [3, 2], "dilations": [2, 1], "pads": [2, 1, 0, 1]}),
     ((1, 4, 6, 6), (4, 1, 3, 3), {"group": 4, "pads": [1, 1, 1, 1], "strides": [2, 2]}),
     ((1, 4, 5, 5), (6, 2, 2, 2), {"group": 2}),
+    ((1, 4, 7, 6), (8, 2, 3, 3), {"group": 2, "pads": [2, 0, 1, 2], "dilations": [1, 2]}),
+    ((1, 3, 7, 6), (3, 1, 3, 3), {"group": 3, "pads": [2, 2, 2, 2], "dilations": [2, 2]}),
+    ((1, 2, 5, 6), (3, 2, 2, 3), {"pads": [2, 0, 0, 3]}),  # pads beyond the kernel reach: ConvTranspose
     ((1, 2, 7, 6), (3, 2, 3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
     ((1, 2, 6, 7), (3, 2, 2, 2), {"auto_pad": "SAME_LOWER", "strides": [2, 1]}),
     ((1, 2, 7, 7), (3, 2, 3, 3), {"auto_pad": "VALID", "strides": [2, 3]}),
