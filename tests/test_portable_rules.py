@@ -545,3 +545,19 @@ def test_explainer_target_head_treats_argmax_path_as_constant():
     w[:, 1] = 1
     (g1,) = sess.run([gradient_name("act")], {**inputs, "onnxcam_target_weights": w})
     np.testing.assert_allclose(g1, np.tile(weight.T[1], (n, 1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("xs,ws,attrs", [CONVS[1], CONVS[2], CONVS[3], CONVS[-2]], ids=["s2", "s3-dil", "dw", "1d"])
+def test_conv_with_run_time_spatial_sizes(xs, ws, attrs):
+    """Spatial sizes unknown to shape inference: the ConvTranspose is cut/padded to x's size at run time."""
+    x, w = rand(*xs, dtype=F32), rand(*ws, dtype=F32, seed=5)
+    model = graph_model(one("Conv", "x", "w", **attrs), {"x": x}, {"w": w})
+    for k, d in enumerate(model.graph.input[0].type.tensor_type.shape.dim):
+        if k >= 2:
+            d.dim_param = f"s{k}"
+    for k, d in enumerate(model.graph.output[0].type.tensor_type.shape.dim):
+        d.dim_param = f"o{k}"
+    assert "ConvTranspose" in {n.op_type for n in portable.build(model, "score", ["x"]).graph.node}
+    (g,) = gradients(model, {"x": x}, ["x"])
+    fd = finite_differences(model, {"x": x}, "x", 1e-3)
+    np.testing.assert_allclose(g, fd, rtol=1e-2, atol=3e-3 * max(1.0, np.abs(fd).max()))

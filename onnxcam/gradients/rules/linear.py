@@ -109,18 +109,29 @@ def transposed_fit(size: int, out: int, k: int, s: int, d: int, pad_begin: int) 
 
 def scatter_windows(e: Emitter, g: str, y: str, x: str, weight: str, kernel, strides, dilations, begin,
                     group: int) -> str:
-    """ConvTranspose of ``g`` (shaped like forward tensor ``y``) onto the grid of ``x`` (exact size)."""
+    """ConvTranspose of ``g`` (shaped like forward tensor ``y``) onto the grid of ``x`` (exact size).
+
+    Static sizes give the exact pads/output_padding; sizes known only at run time get an uncropped
+    ConvTranspose that is then cut (Slice) or zero-extended (Pad) to x's spatial size.
+    """
     rank = e.rank(x)
-    size = e.static_dims(x, range(2, rank))
-    out = e.static_dims(y, range(2, rank))
-    ends, extra = [], []
-    for i in range(rank - 2):
-        pe, op = transposed_fit(size[i], out[i], kernel[i], strides[i], dilations[i], begin[i])
-        ends.append(pe)
-        extra.append(op)
-    return e.op("ConvTranspose", [g, weight], kernel_shape=list(kernel), strides=list(strides),
-                dilations=list(dilations), pads=list(begin) + ends, group=group,
-                output_padding=extra if any(extra) else None)
+    n = rank - 2
+    geometry = dict(kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations), group=group)
+    s_in, s_out = e.shape(x)[2:], (e.shape(y) or [None] * rank)[2:]
+    if all(isinstance(d, int) for d in list(s_in) + list(s_out)):
+        ends, extra = [], []
+        for i in range(n):
+            pe, op = transposed_fit(s_in[i], s_out[i], kernel[i], strides[i], dilations[i], begin[i])
+            ends.append(pe)
+            extra.append(op)
+        return e.op("ConvTranspose", [g, weight], pads=list(begin) + ends,
+                    output_padding=extra if any(extra) else None, **geometry)
+    spread = e.op("ConvTranspose", [g, weight], pads=list(begin) + [0] * n, **geometry)
+    spatial = e.op("Slice", [e.shape_of(x), e.ints([2]), e.ints([rank])])
+    cut = e.op("Slice", [spread, e.ints([0] * n), spatial, e.ints(range(2, rank))])
+    short = e.op("Sub", [spatial, e.op("Slice", [e.op("Shape", [cut]), e.ints([2]), e.ints([rank])])])
+    pads = e.op("Concat", [e.ints([0] * (n + 2)), e.ints([0, 0]), short], axis=0)
+    return e.op("Pad", [cut, pads])
 
 
 @rule("Conv")
