@@ -56,6 +56,7 @@ class Explainer:
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._num_classes: int | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
+        self._heads: dict[str, object] = {}
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
@@ -95,6 +96,12 @@ class Explainer:
                                                      self.provider, self.threads))
         return self._forward_model
 
+    def classifier_head(self, node: NodeInfo):
+        """The GAP -> linear classifier weights CAM reads for ``node`` (found once, then cached)."""
+        if node.tensor not in self._heads:
+            self._heads[node.tensor] = find_classifier_weights(self.model.proto, node.tensor)
+        return self._heads[node.tensor]
+
     @property
     def gradient_backend_used(self) -> str | None:
         return self._gradient_model[0].backend if self._gradient_model else None
@@ -118,7 +125,7 @@ class Explainer:
             self.gradient_session()
         if spec.needs_classifier_weights:
             for node in self.nodes:
-                find_classifier_weights(self.model.proto, node.tensor)
+                self.classifier_head(node)
         if spec.needs_forward:
             rank = self.model.input.rank
             for node in self.nodes:
@@ -252,8 +259,7 @@ class Explainer:
             if spec.needs_gradients:
                 layer_maps.append(spec.layer_map(a, gradients[i]))
             elif spec.needs_classifier_weights:
-                head = find_classifier_weights(self.model.proto, node.tensor)
-                layer_maps.append(spec.layer_map(a, head.weight[chosen]))
+                layer_maps.append(spec.layer_map(a, self.classifier_head(node).weight[chosen]))
             elif spec.needs_forward:
                 layer_maps.append(spec.layer_map(a, self._scorecam_weights(x, a, chosen, weights if logits.ndim > 2
                                                                            else None, node, batch_size,
