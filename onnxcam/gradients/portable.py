@@ -70,20 +70,51 @@ def _tensor_types(model: onnx.ModelProto) -> dict:
     return types
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def _constants(graph: onnx.GraphProto, opset: int) -> dict[str, np.ndarray]:
+    """Values of constant tensors: initializers, Constant nodes, and small all-constant subgraphs
+    (exporters leave pad/slice arithmetic on constants unfolded), evaluated with onnx.reference."""
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for inp in graph.input:  # an initializer that is also an input can be overridden: not constant
         values.pop(inp.name, None)
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Constant" and node.attribute:
             a = node.attribute[0]
             if a.name == "value":
                 values[node.output[0]] = numpy_helper.to_array(a.t)
-            elif a.name in ("value_float", "value_int"):
+            elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
                 values[node.output[0]] = np.array(helper.get_attribute_value(a))
-            elif a.name in ("value_floats", "value_ints"):
-                values[node.output[0]] = np.array(helper.get_attribute_value(a))
+        elif _foldable(node, values):
+            folded = _evaluate(node, values, opset)
+            if folded is not None:
+                values.update(folded)
     return values
+
+
+FOLD_LIMIT = 4096  # elements: fold shape/pad arithmetic, never weight transforms
+NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                "Bernoulli", "If", "Loop", "Scan"}
+
+
+def _foldable(node: onnx.NodeProto, values: dict) -> bool:
+    inputs = [i for i in node.input if i]
+    return (bool(inputs) and node.op_type not in NOT_FOLDABLE and all(i in values for i in inputs)
+            and all(values[i].size <= FOLD_LIMIT for i in inputs))
+
+
+def _evaluate(node: onnx.NodeProto, values: dict, opset: int) -> dict | None:
+    from onnx.reference import ReferenceEvaluator
+    try:
+        results = ReferenceEvaluator(node, opsets={"": opset}).run(
+            None, {i: values[i] for i in node.input if i})
+    except Exception:  # folding is an optimisation for the rules; the node stays as it is
+        return None
+    out = {}
+    for name, value in zip(node.output, results):
+        if name and isinstance(value, np.ndarray) and value.size <= FOLD_LIMIT:
+            out[name] = value
+    return out
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -147,7 +178,7 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
 
     out = copy.deepcopy(model)
     taken = known | {n.name for n in graph.node} | {i.name for i in graph.initializer}
-    emitter = Emitter(opset, types, _constants(graph), taken, PREFIX)
+    emitter = Emitter(opset, types, _constants(graph, opset), taken, PREFIX)
     forward_nodes = {id(n): i for i, n in enumerate(graph.node)}
     contributions: dict[str, list[str]] = {}
 

@@ -88,14 +88,15 @@ def neg(e, node, gy, need):
 
 @rule("Relu")
 def relu(e, node, gy, need):
-    x = node.input[0]
-    return [e.op("Mul", [gy[0], _mask(e, e.op("Greater", [x, e.scalar(0.0, x)]), x)])]
+    # y > 0 exactly where x > 0; reading y, not x, leaves ONNX Runtime free to fuse Conv + Relu
+    y = node.output[0]
+    return [e.op("Mul", [gy[0], _mask(e, e.op("Greater", [y, e.scalar(0.0, y)]), y)])]
 
 
 @rule("LeakyRelu")
 def leaky_relu(e, node, gy, need):
-    x = node.input[0]
     alpha = node_attrs(node).get("alpha", 0.01)
+    x = node.output[0] if alpha > 0 else node.input[0]  # same sign as the input when alpha > 0
     positive = _mask(e, e.op("Greater", [x, e.scalar(0.0, x)]), x)
     slope = e.op("Add", [e.op("Mul", [positive, e.scalar(1.0 - alpha, x)]), e.scalar(alpha, x)])
     return [e.op("Mul", [gy[0], slope])]
@@ -128,7 +129,9 @@ def _clip_bounds(e, node):
 def clip(e, node, gy, need):
     if any(need[1:]):
         raise Unsupported("gradient with respect to the clip bounds")
-    x = node.input[0]
+    # min < y < max exactly where min < x < max (y is clamped to the bound elsewhere); reading the
+    # output leaves ONNX Runtime free to fuse Conv + Clip
+    x = node.output[0]
     low, high = _clip_bounds(e, node)
     inside = None
     for bound, op_type in ((low, "Greater"), (high, "Less")):
@@ -150,8 +153,7 @@ def sigmoid(e, node, gy, need):
 @rule("HardSigmoid")
 def hard_sigmoid(e, node, gy, need):
     a = node_attrs(node)
-    x = node.input[0]
-    t = e.op("Add", [e.op("Mul", [x, e.scalar(a.get("alpha", 0.2), x)]), e.scalar(a.get("beta", 0.5), x)])
+    x = t = node.output[0]  # 0 < y < 1 exactly inside the linear part
     inside = e.op("And", [e.op("Greater", [t, e.scalar(0.0, x)]), e.op("Less", [t, e.scalar(1.0, x)])])
     return [e.op("Mul", [e.op("Mul", [gy[0], e.scalar(a.get("alpha", 0.2), x)]), _mask(e, inside, x)])]
 
