@@ -1,11 +1,15 @@
-"""Shared test helper: build tiny graphs, run the portable backward pass, compare with finite differences."""
+"""Every portable gradient rule against central finite differences (the helpers are reused by
+test_portable_graphs.py): tiny graphs, score = ReduceSum(y * R) for a fixed random R."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx import helper as h
 
+from onnxcam.errors import OnnxcamError
 from onnxcam.gradients import gradient_name, portable
 
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
@@ -90,11 +94,6 @@ def assert_gradients_match(nodes, inputs: dict, consts: dict | None = None, wrt=
 # ONNX Runtime's CPU provider has no float64 kernel for Conv, ConvTranspose, AveragePool, the global
 # pools, Erf, Gelu, HardSigmoid, HardSwish, LeakyRelu, PRelu, Elu, InstanceNormalization, Resize and
 # Softplus: those cases run in float32 (eps 1e-3, 1 % tolerance); everything else in float64.
-import pytest  # noqa: E402
-from onnx import helper as h  # noqa: E402
-
-from onnxcam.errors import OnnxcamError  # noqa: E402
-
 F32, F64 = np.float32, np.float64
 
 
@@ -372,7 +371,8 @@ def test_layer_norm(axis, opset):
 
 
 def test_instance_norm():
-    assert_gradients_match(one("InstanceNormalization", "x", "s", "b", epsilon=1e-3), {"x": rand(2, 3, 4, 3, dtype=F32)},
+    assert_gradients_match(one("InstanceNormalization", "x", "s", "b", epsilon=1e-3),
+                           {"x": rand(2, 3, 4, 3, dtype=F32)},
                            {"s": rand(3, dtype=F32, seed=1), "b": rand(3, dtype=F32, seed=2)})
 
 
@@ -466,7 +466,8 @@ def test_resize(mode, transform, nearest, xs, scales, by_sizes):
 def test_unsupported_op_on_the_path_is_an_error(op):
     x = rand(2, 3, 3, dtype=F32) + 5  # ORT has Det in float32 only
     nodes = [h.make_node("Relu", ["x"], ["r"], name="/a/relu"),
-             h.make_node(op, ["r", "r"] if op == "Mod" else ["r"], ["m"], name="/a/b/" + op, **({"fmod": 1} if op == "Mod" else {})),
+             h.make_node(op, ["r", "r"] if op == "Mod" else ["r"], ["m"], name="/a/b/" + op,
+                         **({"fmod": 1} if op == "Mod" else {})),
              h.make_node("Mul", ["m", "m"], ["y"])]
     model = graph_model(nodes, {"x": x})
     assert portable.unsupported_ops(model, "score", ["x"]) == [f"{op} (node /a/b/{op}): no gradient rule for this op"]
