@@ -232,6 +232,46 @@ def read_mask(path: str):
     return (read_image(path).max(axis=-1) > 0).astype(np.float32)
 
 
+@main.command("export-augmented")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--node", "node_specs", multiple=True, help="Node(s) to expose with their gradients "
+                                                          "(same forms as for explain; default auto).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--grad-backend", type=click.Choice(BACKENDS), default="portable", show_default=True,
+              help="portable runs on any ONNX Runtime build; ort-training needs a training build.")
+@click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
+@click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
+def export_augmented(model, node_specs, output, grad_backend, size, probabilities):
+    """Write the augmented model: inputs = the model's inputs + onnxcam_target_weights (N x K, zero rows =
+    arg-max class); outputs = logits, activations, d score / d activations."""
+    from pathlib import Path
+
+    from .explainer import Explainer
+    from .model import load_model
+    from .outputs import write_bytes_atomic
+
+    loaded = load_model(model)
+    if loaded.path is not None and Path(output).resolve() == loaded.path.resolve():
+        raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
+    preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
+    explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
+                          layout=preprocessing.layout, probabilities=probabilities,
+                          input_shape=_probe_shape(loaded, preprocessing))
+    augmented = explainer.augmented_gradient_model()
+    data = augmented.proto.SerializeToString()
+    if len(data) >= 2 ** 31:
+        raise OnnxcamError("the augmented model is over 2 GB, which a single ONNX file cannot hold")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(output, data, {loaded.path.resolve()} if loaded.path else set())
+    click.echo(f"wrote {output} ({augmented.backend} gradients): inputs "
+               f"{', '.join(i.name for i in augmented.proto.graph.input if i.name not in _initializers(augmented.proto))}; "
+               f"outputs {', '.join(augmented.output_names)}")
+
+
+def _initializers(proto) -> set[str]:
+    return {init.name for init in proto.graph.initializer}
+
+
 def _target(text: str | None, class_names):
     if text is None:
         return None

@@ -81,10 +81,15 @@ class Explainer:
     def tensors(self) -> list[str]:
         return [n.tensor for n in self.nodes]
 
+    def augmented_gradient_model(self) -> AugmentedModel:
+        """The one model with logits, activations and their gradients (built without a session)."""
+        if self._gradient_model is not None:
+            return self._gradient_model[0]
+        return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend, self.probabilities)
+
     def gradient_session(self) -> tuple[AugmentedModel, Runner]:
         if self._gradient_model is None:
-            augmented = build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
-                                                       self.probabilities)
+            augmented = self.augmented_gradient_model()
             self._gradient_model = (augmented, Runner(augmented.proto, augmented.output_names,
                                                       self.provider, self.threads))
         return self._gradient_model

@@ -196,3 +196,21 @@ def test_target_mask_on_a_segmentation_model(files):
     np.save(tmp / "bad.npy", np.ones((3, 3), np.float32))
     one_line_error(invoke(*args[:-1], "--target", "1", "--target-mask", tmp / "bad.npy"), "output map is")
     one_line_error(invoke(*args[:-1], "--target-mask", tmp / "mask.npy"), "needs --target")
+
+
+def test_export_augmented_runs_on_plain_onnxruntime(files):
+    import onnxruntime as ort
+    model, _, tmp = files
+    out = tmp / "augmented.onnx"
+    result = invoke("export-augmented", model, "--node", "/features/relu/Relu", "-o", out)
+    assert result.exit_code == 0, result.output
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input", "onnxcam_target_weights"]
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    logits, act, grad = session.run(None, {"input": x, "onnxcam_target_weights": np.zeros((2, 3), np.float32)})
+    assert act.shape == grad.shape == (2, 4, 8, 8)
+    fc_w = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "fc_w"))
+    np.testing.assert_allclose(grad[:, :, 0, 0], fc_w[logits.argmax(1)] / 64, rtol=1e-6)
+    one_line_error(invoke("export-augmented", model, "-o", model), "refusing to overwrite")
