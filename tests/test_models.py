@@ -163,3 +163,28 @@ def test_efficientnet_build_skips_when_up_to_date(efficientnet_onnx, efficientne
     efficientnet_tools.build(efficientnet_onnx, dynamo=dynamo)
     assert "up to date" in capsys.readouterr().out
     assert efficientnet_onnx.stat().st_mtime_ns == before
+
+
+# --- the export helpers other tests use ---------------------------------------------------------
+
+def test_torch_export_helpers_give_a_dynamic_batch_and_keep_module_scopes(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from torch_export import export_dynamo, export_legacy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    batch = torch.randn(3, 2, 16)
+    with torch.no_grad():
+        expected = net(batch).numpy()
+        paths = [export_legacy(net, batch[:1], tmp_path / "legacy.onnx"),
+                 export_dynamo(net, batch[:1], tmp_path / "dynamo.onnx")]
+    assert (tmp_path / "dynamo.onnx.data").exists()
+    for path in paths:
+        session = ort.InferenceSession(path.as_posix(), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["input"]
+        np.testing.assert_allclose(session.run(["logits"], {"input": batch.numpy()})[0], expected, atol=1e-5)
+    conv = next(n for n in onnx.load(str(paths[1]), load_external_data=False).graph.node if n.op_type == "Conv")
+    scopes = {p.key: p.value for p in conv.metadata_props}["pkg.torch.onnx.name_scopes"]
+    assert "'0'" in scopes  # the Conv1d is module "0" of the Sequential
