@@ -131,3 +131,77 @@ def small_resnet(seed=0, nhwc=False) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def keras_mobilenet_like(nhwc: bool = True, seed: int = 0, size: int = 32) -> onnx.ModelProto:
+    """A MobileNet-style classifier as tf2onnx writes a Keras 3 model: NHWC input, a Transpose pair around
+    every convolution, ReLU6 as Clip on NHWC tensors, ReduceMean over axes (1, 2), MatMul + Add, Softmax,
+    and Keras-3 scope names (`functional_1/mobilenetv2_1.00_160_1/out_relu_1/Relu6`).
+    With ``nhwc=False``: the NCHW twin with the same weights (Conv, Clip, GlobalAveragePool, Flatten,
+    MatMul, Add, Softmax)."""
+    rng = np.random.default_rng(seed)
+    c1, c2, k = 8, 16, 6
+    weights = {
+        "Conv1/kernel": rng.normal(0, 0.4, (c1, 3, 3, 3)).astype(np.float32),
+        "Conv1/bias": rng.normal(0, 0.1, (c1,)).astype(np.float32),
+        "dw/kernel": rng.normal(0, 0.4, (c1, 1, 3, 3)).astype(np.float32),
+        "dw/bias": rng.normal(0, 0.1, (c1,)).astype(np.float32),
+        "Conv_1/kernel": rng.normal(0, 0.4, (c2, c1, 1, 1)).astype(np.float32),
+        "Conv_1/bias": rng.normal(0.5, 0.3, (c2,)).astype(np.float32),
+        "predictions/kernel": rng.normal(0, 1.0, (c2, k)).astype(np.float32),
+        "predictions/bias": rng.normal(0, 0.1, (k,)).astype(np.float32),
+        "relu6/min": np.array(0.0, np.float32), "relu6/max": np.array(6.0, np.float32),
+    }
+    scope = "functional_1/mobilenetv2_1.00_160_1/"
+    nodes = []
+
+    def conv(name, x, out, stride, group, pad):
+        args = dict(strides=[stride, stride], pads=[pad] * 4, group=group)
+        if not nhwc:
+            nodes.append(helper.make_node("Conv", [x, f"{name}/kernel", f"{name}/bias"], [out],
+                                          name=f"{scope}{name}_1/convolution", **args))
+            return
+        nodes.extend([
+            helper.make_node("Transpose", [x], [out + "__nchw"], name=f"{scope}{name}_1/convolution__1",
+                             perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", [out + "__nchw", f"{name}/kernel", f"{name}/bias"], [out + "__conv"],
+                             name=f"{scope}{name}_1/convolution", **args),
+            helper.make_node("Transpose", [out + "__conv"], [out], name=f"{scope}{name}_1/convolution__2",
+                             perm=[0, 2, 3, 1]),
+        ])
+
+    def relu6(name, x, out):
+        nodes.append(helper.make_node("Clip", [x, "relu6/min", "relu6/max"], [out],
+                                      name=f"{scope}{name}_1/Relu6"))
+
+    conv("Conv1", "input", "conv1", 2, 1, 1)
+    relu6("Conv1_relu", "conv1", "conv1_relu")
+    conv("dw", "conv1_relu", "dw", 1, c1, 1)
+    relu6("dw_relu", "dw", "dw_relu")
+    conv("Conv_1", "dw_relu", "conv_1", 2, 1, 0)
+    relu6("out_relu", "conv_1", "out_relu")
+    if nhwc:
+        axes = numpy_helper.from_array(np.array([1, 2], np.int64), "pool/axes")
+        nodes.append(helper.make_node("ReduceMean", ["out_relu", "pool/axes"], ["pooled"], keepdims=0,
+                                      name="functional_1/global_average_pooling2d_1/Mean"))
+        extra = [axes]
+    else:
+        nodes.extend([helper.make_node("GlobalAveragePool", ["out_relu"], ["gap"], name="gap"),
+                      helper.make_node("Flatten", ["gap"], ["pooled"], name="flatten")])
+        extra = []
+    nodes.extend([
+        helper.make_node("MatMul", ["pooled", "predictions/kernel"], ["matmul"],
+                         name="functional_1/predictions_1/MatMul"),
+        helper.make_node("Add", ["matmul", "predictions/bias"], ["logits"], name="functional_1/predictions_1/Add"),
+        helper.make_node("Softmax", ["logits"], ["predictions"], name="functional_1/predictions_1/Softmax",
+                         axis=-1),
+    ])
+    shape = ["unk__1", size, size, 3] if nhwc else ["unk__1", 3, size, size]
+    graph = helper.make_graph(nodes, "keras_like",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("predictions", TensorProto.FLOAT, ["unk__1", k])],
+                              [numpy_helper.from_array(v, n) for n, v in weights.items()] + extra)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
