@@ -214,3 +214,24 @@ def test_export_augmented_runs_on_plain_onnxruntime(files):
     fc_w = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "fc_w"))
     np.testing.assert_allclose(grad[:, :, 0, 0], fc_w[logits.argmax(1)] / 64, rtol=1e-6)
     one_line_error(invoke("export-augmented", model, "-o", model), "refusing to overwrite")
+
+
+@pytest.mark.parametrize("rank, picture_shape", [(1, (256, 768, 3)), (3, (256, 768, 3))], ids=["1d", "3d"])
+def test_npy_signals_and_volumes(tmp_path, rank, picture_shape):
+    """1D and 3D inputs come from .npy files: the map is saved as .npy, plus a line plot (1D) or the
+    three mid-slices (3D) as PNG."""
+    model = tmp_path / f"net{rank}d.onnx"
+    onnx.save(tiny_classifier(size=8, rank=rank), str(model))
+    sample = np.random.default_rng(rank).normal(size=(3,) + (8,) * rank).astype(np.float32)
+    np.save(tmp_path / "sample.npy", sample)
+    result = invoke("explain", model, tmp_path / "sample.npy", "--out", tmp_path / "out", "--method", "layercam")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "out" / "sample_layercam.npy").shape == (8,) * rank
+    assert cv2.imread(str(tmp_path / "out" / "sample_layercam.png")).shape == picture_shape
+
+
+def test_npy_of_the_wrong_rank(tmp_path):
+    model = tmp_path / "net1d.onnx"
+    onnx.save(tiny_classifier(size=8, rank=1), str(model))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4, 8), np.float32))
+    one_line_error(invoke("explain", model, tmp_path / "bad.npy", "--out", tmp_path / "o"), "rank")

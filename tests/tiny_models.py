@@ -11,17 +11,17 @@ OPSET = 17
 
 
 def tiny_classifier(channels=4, classes=3, size=8, softmax=True, seed=0, batch="N",
-                    metadata=True) -> onnx.ModelProto:
-    """input (N,3,size,size) -> Conv 3x3 -> Relu [the node] -> GlobalAveragePool -> Flatten -> Gemm
-    (-> Softmax). Weights seeded; the Relu output is named 'act'."""
+                    metadata=True, rank=2) -> onnx.ModelProto:
+    """input (N,3,size[,size[,size]]) -> Conv 3 -> Relu [the node] -> GlobalAveragePool -> Flatten ->
+    Gemm (-> Softmax), with ``rank`` spatial axes. Weights seeded; the Relu output is named 'act'."""
     rng = np.random.default_rng(seed)
-    conv_w = rng.normal(0, 0.5, (channels, 3, 3, 3)).astype(np.float32)
+    conv_w = rng.normal(0, 0.5, (channels, 3) + (3,) * rank).astype(np.float32)
     conv_b = rng.normal(0, 0.1, (channels,)).astype(np.float32)
     fc_w = rng.normal(0, 1.0, (classes, channels)).astype(np.float32)
     fc_b = rng.normal(0, 0.1, (classes,)).astype(np.float32)
     nodes = [
         helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["conv"], name="/features/conv/Conv",
-                         pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+                         pads=[1] * 2 * rank, kernel_shape=[3] * rank),
         helper.make_node("Relu", ["conv"], ["act"], name="/features/relu/Relu"),
         helper.make_node("GlobalAveragePool", ["act"], ["pooled"], name="/pool/GlobalAveragePool"),
         helper.make_node("Flatten", ["pooled"], ["flat"], name="/Flatten", axis=1),
@@ -33,13 +33,13 @@ def tiny_classifier(channels=4, classes=3, size=8, softmax=True, seed=0, batch="
         output = "probs"
     graph = helper.make_graph(
         nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3] + [size] * rank)],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, classes])],
         [numpy_helper.from_array(a, n) for a, n in
          ((conv_w, "conv_w"), (conv_b, "conv_b"), (fc_w, "fc_w"), (fc_b, "fc_b"))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
-    if metadata:
+    if metadata and rank == 2:
         helper.set_model_props(model, {
             "onnxcam.preprocess": json.dumps({"size": [size, size], "mean": [0.5, 0.5, 0.5],
                                               "std": [0.25, 0.25, 0.25], "scale": 1 / 255,
