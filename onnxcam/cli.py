@@ -155,6 +155,8 @@ def _progress_printer(label: str):
 @click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+@click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
+                                               "from the cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
                                                                  "the model's metadata).")
 @click.option("--target-mask", type=click.Path(dir_okay=False),
@@ -162,7 +164,7 @@ def _progress_printer(label: str):
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, labels, target_mask):
+            overwrite, no_cache, labels, target_mask):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -179,7 +181,7 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                                    scale, layout, bgr)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
                           layout=preprocessing.layout, probabilities=probabilities,
-                          input_shape=_probe_shape(loaded, preprocessing))
+                          input_shape=_probe_shape(loaded, preprocessing), cache=not no_cache)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None

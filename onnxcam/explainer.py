@@ -10,14 +10,17 @@ import numpy as np
 import onnx
 
 from . import layouts
+from .cache import cached_model
 from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError
+from .gradients import ort_training_available
 from .methods import get_method
 from .methods.postprocess import fuse_layers, layer_to_input
 from .methods.scorecam import scorecam_weights
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
 from .runtime import Runner
+from .scorecam_graph import ScoreCamScorer
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
                       find_logits, tensor_shape)
 
@@ -40,12 +43,14 @@ class Explainer:
 
     def __init__(self, model, node: str | list[str] = "auto", provider: str = "auto",
                  grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
-                 input_shape: tuple | None = None, threads: int | None = None):
+                 input_shape: tuple | None = None, threads: int | None = None, cache: bool = True):
         self.model: LoadedModel = load_model(model)
         self.provider = provider
         self.grad_backend = grad_backend
         self.probabilities = probabilities
         self.threads = threads
+        self.cache = cache
+        self.logits_name = find_logits(self.model.proto, probabilities)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
         self.candidates = list_candidates(self.model.proto, self._probe_shapes(input_shape))
         specs = [node] if isinstance(node, str) else list(node)
@@ -54,9 +59,10 @@ class Explainer:
         self.nodes: list[NodeInfo] = [resolve_node(self.model.proto, spec, self.candidates) for spec in specs]
         self._gradient_model: tuple[AugmentedModel, Runner] | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
-        self._num_classes: int | None = None
+        self._static_logits_shape: tuple | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
+        self._scorer: ScoreCamScorer | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
@@ -82,10 +88,25 @@ class Explainer:
         return [n.tensor for n in self.nodes]
 
     def augmented_gradient_model(self) -> AugmentedModel:
-        """The one model with logits, activations and their gradients (built without a session)."""
+        """The one model with logits, activations and their gradients (built without a session).
+
+        Built once per (model bytes, nodes, backend, ...) and kept in the on-disk cache, so a second
+        run on the same model skips surgery and gradient building."""
         if self._gradient_model is not None:
             return self._gradient_model[0]
-        return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend, self.probabilities)
+
+        def build() -> onnx.ModelProto:
+            return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
+                                                  self.probabilities).proto
+
+        if not self.cache:
+            proto = build()
+        else:
+            parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
+                     "probabilities": self.probabilities, "training_runtime": ort_training_available()}
+            proto = cached_model(parts, self.model.proto, build)
+        return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
+                                                  self.tensors)
 
     def gradient_session(self) -> tuple[AugmentedModel, Runner]:
         if self._gradient_model is None:
@@ -111,17 +132,23 @@ class Explainer:
     def gradient_backend_used(self) -> str | None:
         return self._gradient_model[0].backend if self._gradient_model else None
 
-    def num_classes(self, x: np.ndarray | None = None) -> int:
-        """K, from the logits' static shape or one forward run when it is symbolic."""
-        if self._num_classes is None:
-            shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
-            if shape is not None and len(shape) >= 2 and shape[1]:
-                self._num_classes = int(shape[1])
-            elif x is not None:
-                self._num_classes = int(self.forward(x[:1])[0].shape[1])
-            else:
-                raise OnnxcamError("cannot tell the number of classes before a first input is given")
-        return self._num_classes
+    def num_classes(self, x: np.ndarray) -> int:
+        """K: the class axis of the scored output."""
+        return self._logits_shape(x)[1]
+
+    def _logits_shape(self, x: np.ndarray) -> tuple:
+        """Shape of the scored output for batch ``x``: static when the graph says so, else from one
+        forward run per input shape (remembered)."""
+        if self._static_logits_shape is None:
+            shape = tensor_shape(self.model.proto, self.logits_name)
+            static = shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:])
+            self._static_logits_shape = tuple(shape[1:]) if static else ()
+        if self._static_logits_shape:
+            return (x.shape[0], *self._static_logits_shape)
+        key = x.shape[1:]
+        if key not in self._logits_shapes:
+            self._logits_shapes[key] = tuple(self.forward(x[:1])[0].shape[1:])
+        return (x.shape[0], *self._logits_shapes[key])
 
     def check_method(self, method: str) -> None:
         """Raise OnnxcamError when ``method`` cannot run on this model and node."""
@@ -209,8 +236,7 @@ class Explainer:
                            layer_maps, time.perf_counter() - start)
 
     def _output_rank(self, x: np.ndarray) -> int:
-        shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
-        return len(shape) if shape is not None else self.forward(x[:1])[0].ndim
+        return len(self._logits_shape(x))
 
     def target_weights(self, logits_shape: tuple, targets: np.ndarray | None,
                        mask: np.ndarray | None) -> np.ndarray:
@@ -276,16 +302,6 @@ class Explainer:
         return (maps.astype(np.float32), logits, np.asarray(chosen, np.int64), scores.astype(np.float32),
                 layer_maps)
 
-    def _logits_shape(self, x: np.ndarray) -> tuple:
-        """Shape of the scored output for batch ``x`` (static when known, else from one forward run)."""
-        shape = tensor_shape(self.model.proto, find_logits(self.model.proto, self.probabilities))
-        if shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:]):
-            return (x.shape[0], *shape[1:])
-        key = x.shape[1:]
-        if key not in self._logits_shapes:
-            self._logits_shapes[key] = tuple(self.forward(x[:1])[0].shape[1:])
-        return (x.shape[0], *self._logits_shapes[key])
-
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like
         layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)
@@ -296,8 +312,10 @@ class Explainer:
         if a.ndim - 2 != len(size):
             raise OnnxcamError(f"Score-CAM needs the node's spatial axes to match the input's; node "
                                f"{node.name} has {a.ndim - 2} spatial axes, the input {len(size)}")
-        x_first = layouts.to_channels_first(x, self.input_layout)
         options = dict(batch_size=batch_size or 32, max_channels=max_channels, progress=progress)
+        if map_weights is None and self.score_cam_scorer() is not None:
+            return self._scorer.weights(a, x, chosen, **options)
+        x_first = layouts.to_channels_first(x, self.input_layout)
         if map_weights is None:
             return scorecam_weights(a, x_first, chosen, self._masked_logits(None), **options)
         # map outputs: each sample scores its target plane summed over its own mask
@@ -305,6 +323,17 @@ class Explainer:
             scorecam_weights(a[i:i + 1], x_first[i:i + 1], chosen[i:i + 1],
                              self._masked_logits(map_weights[i, chosen[i]]), **options)
             for i in range(len(x))])
+
+    def score_cam_scorer(self) -> ScoreCamScorer | None:
+        """The in-graph Score-CAM scorer (masks built and scored in one session), or None where the
+        model's opset is too old for it (the NumPy path then builds the masks)."""
+        if self._scorer is None:
+            try:
+                self._scorer = ScoreCamScorer(self.model, self.input_layout, self.provider, self.threads,
+                                              self.probabilities)
+            except OnnxcamError:
+                self._scorer = False
+        return self._scorer or None
 
     def _masked_logits(self, plane: np.ndarray | None):
         """forward_logits for Score-CAM: channels-first batch -> (B, K) scores."""

@@ -20,6 +20,7 @@ from .model import LoadedModel, default_opset
 
 TARGET_WEIGHTS = "onnxcam_target_weights"
 SCORE = "onnxcam_score"
+BACKEND_KEY = "onnxcam.grad_backend"
 _PASS_THROUGH = ("Identity", "Dropout")
 
 
@@ -36,6 +37,14 @@ class AugmentedModel:
     @property
     def output_names(self) -> list[str]:
         return [self.logits, *self.activations, *self.gradients]
+
+    @classmethod
+    def from_gradient_proto(cls, proto: onnx.ModelProto, input_name: str, logits: str,
+                            activations: list[str]) -> "AugmentedModel":
+        """Describe a gradient model read back from disk (the backend is recorded in its metadata)."""
+        backend = next((p.value for p in proto.metadata_props if p.key == BACKEND_KEY), None)
+        return cls(proto, input_name, logits, list(activations), [gradient_name(a) for a in activations],
+                   backend)
 
 
 def copy_model(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -190,5 +199,6 @@ def build_gradient_augmented_model(model: LoadedModel, activations: list[str], b
     score = add_target_head(proto, logits)
     set_outputs(proto, [logits, *activations])
     proto, used = build_gradient_model(proto, score, list(activations), backend)
+    helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, BACKEND_KEY: used})
     return AugmentedModel(proto, model.input.name, logits, list(activations),
                           [gradient_name(a) for a in activations], used)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tools"))
 MODEL_CACHE = ROOT / ".cache" / "models"
+# augmented models built by the tests go to a cache of their own, never the user's ~/.cache/onnxcam
+os.environ.setdefault("ONNXCAM_CACHE_DIR", str(ROOT / ".cache" / "onnxcam-tests"))
 
 
 # --- EfficientNet-Lite0 (pretrained weights from pip packages), built once into .cache/models -----

@@ -91,3 +91,20 @@ def test_unknown_method(explainer, x):
 def test_non_spatial_node_is_refused(model):
     with pytest.raises(OnnxcamError, match="no spatial axes"):
         Explainer(model, "/fc/Gemm")
+
+
+def test_second_explainer_reads_the_augmented_model_from_the_cache(model, x, tmp_path, monkeypatch):
+    import onnxcam.explainer as explainer_module
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
+    first = Explainer(model, "/features/relu/Relu", grad_backend="portable").explain(x).maps
+    assert len(list(tmp_path.iterdir())) == 1
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the augmented model was built again")
+
+    monkeypatch.setattr(explainer_module, "build_gradient_augmented_model", no_rebuild)
+    again = Explainer(model, "/features/relu/Relu", grad_backend="portable")
+    np.testing.assert_array_equal(again.explain(x).maps, first)
+    assert again.gradient_backend_used == "portable"
+    with pytest.raises(AssertionError, match="built again"):
+        Explainer(model, "/features/conv/Conv", grad_backend="portable").explain(x)
