@@ -19,11 +19,12 @@ NORMALIZE_EPS = 1e-7
 
 
 def normalize(maps) -> np.ndarray:
-    """Per sample: subtract the min, divide by (max + 1e-7). (N, *S) float32."""
-    maps = np.asarray(maps, dtype=np.float32)
-    axes = tuple(range(1, maps.ndim))
-    shifted = maps - maps.min(axis=axes, keepdims=True)
-    return (shifted / (shifted.max(axis=axes, keepdims=True) + np.float32(NORMALIZE_EPS))).astype(np.float32)
+    """Per sample: subtract the min, divide by (max + 1e-7). (N, *S) float32, a new array."""
+    maps = np.array(maps, dtype=np.float32)          # a copy: normalised in place below
+    flat = maps.reshape(maps.shape[0], -1)
+    flat -= flat.min(axis=1, keepdims=True)
+    flat /= flat.max(axis=1, keepdims=True) + np.float32(NORMALIZE_EPS)
+    return maps
 
 
 def resize(maps, size: Sequence[int]) -> np.ndarray:
@@ -53,5 +54,7 @@ def fuse_layers(layer_maps: Sequence[np.ndarray]) -> np.ndarray:
     """Input-sized maps of one or more layers (each (N, *size)) → relu → mean → normalise, in [0, 1]."""
     if not layer_maps:
         raise ValueError("fuse_layers needs at least one layer's maps")
+    if len(layer_maps) == 1:    # the mean of one layer is that layer: skip the stack and the copy
+        return normalize(np.maximum(np.asarray(layer_maps[0], dtype=np.float32), 0))
     stacked = np.maximum(np.stack([np.asarray(m, dtype=np.float32) for m in layer_maps], axis=1), 0)
     return normalize(stacked.mean(axis=1))
