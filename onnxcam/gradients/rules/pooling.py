@@ -115,6 +115,12 @@ def _spatial_count(e: Emitter, x: str, axes) -> str:
 @rule("GlobalAveragePool")
 def global_average_pool(e: Emitter, node, gy, need):
     x = node.input[0]
+    s = e.shape(x)
+    spatial = list(s[2:]) if s is not None else [None]
+    if all(isinstance(d, int) for d in spatial):
+        # static spatial size: one broadcast Mul by a constant 1/(H*W) plane, no Shape/Expand at run time
+        plane = np.full([1, 1, *spatial], 1.0 / float(np.prod(spatial)), dtype=e.np_dtype(x))
+        return [e.op("Mul", [gy[0], e.const(plane)])]
     share = e.op("Div", [gy[0], _spatial_count(e, x, range(2, e.rank(x)))])
     return [e.op("Expand", [share, e.shape_of(x)])]
 
