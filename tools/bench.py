@@ -16,8 +16,8 @@ warm-up: a single run is already hundreds of forward passes.
 Models: ``efficientnet`` (pretrained EfficientNet-Lite0 from tools/make_efficientnet.py, node
 ``_blocks.15`` = torch ``model._blocks[-1]``), ``resnet50`` (tools/resnet.py, seeded random weights,
 node ``layer4`` = torch ``model.layer4[-1]``), or a path to any .onnx (onnxcam only, node ``auto``).
-Methods: gradcam, layercam, scorecam (through Explainer.explain), scorecam-graph (the in-graph
-scorer onnxcam.scorecam_graph.ScoreCamScorer directly, with the Explainer's forward for A).
+Methods: gradcam, layercam, scorecam, all through Explainer.explain (Score-CAM with its in-graph
+scorer; the number of distinct masks it scored gives the floor).
 """
 from __future__ import annotations
 
@@ -38,9 +38,8 @@ sys.path.insert(0, str(ROOT))   # this checkout's onnxcam, whatever the environm
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 GRADIENT_METHODS = ("gradcam", "layercam")
-ALL_METHODS = ("gradcam", "layercam", "scorecam", "scorecam-graph")
-TORCH_CLASSES = {"gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM",
-                 "scorecam-graph": "ScoreCAM"}
+ALL_METHODS = ("gradcam", "layercam", "scorecam")
+TORCH_CLASSES = {"gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM"}
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -222,29 +221,12 @@ def _onnxcam_job(job, threads):
         explainer.gradient_session()       # session built before the memory baseline
         return lambda x: (explainer.explain(x, method=method).maps, None)
     explainer.forward_session()
-    if method == "scorecam":
-        return lambda x: (explainer.explain(x, method="scorecam", batch_size=32).maps, None)
-    return _scorecam_graph_run(explainer, threads)
-
-
-def _scorecam_graph_run(explainer, threads):
-    """Score-CAM with the in-graph scorer: what Explainer.explain does once it is wired in."""
-    from onnxcam import layouts
-    from onnxcam.methods import get_method
-    from onnxcam.methods.postprocess import fuse_layers, layer_to_input
-    from onnxcam.scorecam_graph import ScoreCamScorer
-
-    scorer = ScoreCamScorer(explainer.model, explainer.input_layout, "cpu", threads)
-    spec = get_method("scorecam")
+    scorer = explainer.score_cam_scorer()      # the in-graph scorer Explainer.explain uses
 
     def run(x):
-        before = scorer.masks_scored
-        logits, activations = explainer.forward(x)[:2]
-        A = layouts.to_channels_first(activations, layouts.activation_layout(
-            activations.shape, explainer.input_spatial(x), explainer.input_layout))
-        weights = scorer.weights(A, x, logits.argmax(axis=1), batch_size=32)
-        maps = fuse_layers([layer_to_input(spec.layer_map(A, weights), explainer.input_spatial(x))])
-        return maps, (scorer.masks_scored - before) / len(x)
+        before = scorer.masks_scored if scorer else 0
+        maps = explainer.explain(x, method="scorecam", batch_size=32).maps
+        return maps, (scorer.masks_scored - before) / len(x) if scorer else None
     return run
 
 
