@@ -19,8 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import layouts
 from .errors import OnnxcamError
-from .methods._arrays import as_activations
-from .methods.scorecam import MASK_EPS, kept_channels
+from .methods.scorecam import MASK_EPS, checked_inputs, kept_channels, softmax
 from .model import LoadedModel, default_opset
 from .runtime import Runner, import_onnxruntime
 from .surgery import copy_model, find_logits, set_outputs
@@ -153,11 +152,6 @@ def distinct_maps(A_sample: np.ndarray, max_channels: int | None):
     return maps.astype(np.float32, copy=False), slot
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max())
-    return shifted / shifted.sum()
-
-
 class ScoreCamScorer:
     """Score-CAM channel weights from one session that masks and scores inside the graph."""
 
@@ -177,17 +171,8 @@ class ScoreCamScorer:
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Channel weights (N, C) float32 for activations A (N, C, *s, channels-first) of inputs x
         (N, ..., in the model's own layout); ``targets`` (N,) the class scored per sample."""
-        A = as_activations(A)
-        x = np.asarray(x)
-        targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+        A, x, targets = checked_inputs(A, x, targets, batch_size, max_channels)
         N, C = A.shape[:2]
-        if x.ndim != A.ndim or x.shape[0] != N:
-            raise OnnxcamError(f"Score-CAM needs the input and the node to have the same spatial rank and "
-                               f"batch; input {x.shape}, node {A.shape} — pick a node with the input's layout")
-        if targets.shape != (N,):
-            raise ValueError(f"targets shape {targets.shape} does not match the batch of {N}")
-        if batch_size < 1 or (max_channels is not None and max_channels < 1):
-            raise OnnxcamError("Score-CAM batch size and max channels must be at least 1")
         chunk = self.fixed_batch or batch_size
         plans = [distinct_maps(A[n], max_channels) for n in range(N)]
         total, done = sum(len(maps) for maps, _ in plans), 0
@@ -207,7 +192,7 @@ class ScoreCamScorer:
                 if progress is not None:
                     progress(done, total)
             kept = slot >= 0
-            weights[n, kept] = _softmax(scores[slot[kept]])
+            weights[n, kept] = softmax(scores[slot[kept]])
         return weights
 
     # ---- running ------------------------------------------------------------------------------

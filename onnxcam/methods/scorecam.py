@@ -47,9 +47,26 @@ def kept_channels(A_sample: np.ndarray, max_channels: int | None) -> np.ndarray:
     return np.sort(np.argsort(-variance, kind="stable")[:max_channels])
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the channels' scores: the Score-CAM weights."""
     shifted = np.exp(scores - scores.max())
     return shifted / shifted.sum()
+
+
+def checked_inputs(A, x, targets, batch_size: int, max_channels: int | None):
+    """A, x and targets as arrays, or a one-line error when they cannot go together."""
+    A = as_activations(A)
+    x = np.asarray(x)
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    N = A.shape[0]
+    if x.ndim != A.ndim or x.shape[0] != N:
+        raise OnnxcamError(f"Score-CAM needs the input and the node to have the same spatial rank and batch; "
+                           f"input {x.shape}, node {A.shape} — pick a node with the input's layout")
+    if targets.shape != (N,):
+        raise ValueError(f"targets shape {targets.shape} does not match the batch of {N}")
+    if batch_size < 1 or (max_channels is not None and max_channels < 1):
+        raise OnnxcamError("Score-CAM batch size and max channels must be at least 1")
+    return A, x, targets
 
 
 class _BatchScorer:
@@ -90,17 +107,8 @@ def scorecam_weights(A, x, targets, forward_logits: Callable[[np.ndarray], np.nd
     ``forward_logits`` maps a channels-first batch (B, Cin, *Sin) to logits (B, K); ``targets`` holds
     each sample's class index. At most ``batch_size`` masked inputs exist at any time.
     """
-    A = as_activations(A)
-    x = np.asarray(x)
-    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    A, x, targets = checked_inputs(A, x, targets, batch_size, max_channels)
     N, C = A.shape[:2]
-    if x.ndim != A.ndim or x.shape[0] != N:
-        raise OnnxcamError(f"Score-CAM needs the input and the node to have the same spatial rank and batch; "
-                           f"input {x.shape}, node {A.shape} — pick a node with the input's layout")
-    if targets.shape != (N,):
-        raise ValueError(f"targets shape {targets.shape} does not match the batch of {N}")
-    if batch_size < 1 or (max_channels is not None and max_channels < 1):
-        raise OnnxcamError("Score-CAM batch size and max channels must be at least 1")
     size = x.shape[2:]
     kept = [kept_channels(a, max_channels) for a in A]
     constant = [np.ptp(a.reshape(C, -1), axis=1) == 0 for a in A]
@@ -121,5 +129,5 @@ def scorecam_weights(A, x, targets, forward_logits: Callable[[np.ndarray], np.nd
     weights = np.zeros((N, C), dtype=np.float32)
     for n in range(N):
         scores = np.array([scorer.scores[(n, "zero") if constant[n][k] else (n, int(k))] for k in kept[n]])
-        weights[n, kept[n]] = _softmax(scores)
+        weights[n, kept[n]] = softmax(scores)
     return weights
