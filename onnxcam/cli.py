@@ -112,17 +112,14 @@ def nodes(model, size, as_json):
         click.echo(format_table(candidates, default))
 
 
-def _progress_printer(label: str):
-    """A progress callback for long Score-CAM runs, drawn on stderr when it is a terminal."""
+def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
+    """A progress line for long runs, drawn on stderr when it is a terminal (stdout stays clean)."""
     if not sys.stderr.isatty():
         return None
 
     def progress(done: int, total: int):
-        if total >= PROGRESS_MIN_TOTAL:
-            end = "\n" if done >= total else ""
-            click.echo(f"\r{label}: {done}/{total} masked inputs", err=True, nl=False)
-            if end:
-                click.echo("", err=True)
+        if total >= minimum:
+            click.echo(f"\r{label}: {done}/{total} {unit}", err=True, nl=done >= total)
     return progress
 
 
@@ -191,7 +188,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                            target=_target(target, class_names), target_mask=mask, class_names=class_names,
                            top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
                            overwrite=overwrite, max_channels=max_channels,
-                           progress=_progress_printer("score-cam"))
+                           progress=_progress_printer("score-cam", "masked inputs"),
+                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())

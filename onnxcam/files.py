@@ -4,6 +4,7 @@ write overlays / maps atomically. This is what ``onnxcam explain`` does, usable 
 from __future__ import annotations
 
 import glob
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +101,7 @@ class FileExplainer:
                  methods: list[str], target=None, top_k: int | None = None, alpha: float = 0.5,
                  save_npy: bool = False, batch_size: int = 16, overwrite: bool = False,
                  max_channels: int | None = None, progress=None, target_mask=None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, batch_progress=None):
         if top_k is not None and target is not None:
             raise OnnxcamError("--target and --top-k exclude each other; pass one of them")
         self.explainer = explainer
@@ -115,6 +116,7 @@ class FileExplainer:
         self.overwrite = overwrite
         self.max_channels = max_channels
         self.progress = progress
+        self.batch_progress = batch_progress      # callable(done, total) after each batch of files
         self.target_mask = target_mask
         self.class_names = class_names if class_names is not None else explainer.model.class_names
 
@@ -130,19 +132,32 @@ class FileExplainer:
         return [self.out_dir / (output_stem(path, self.methods[0], r) + ".png") for r in ranks]
 
     def run(self, paths: list[Path]):
-        """Yield FileResults batch by batch; inputs whose outputs exist are skipped unless overwrite."""
+        """Yield FileResults batch by batch; inputs whose outputs exist are skipped unless overwrite.
+
+        The next batch's files are decoded and preprocessed on a worker thread while the current
+        batch runs (OpenCV and ONNX Runtime both release the GIL)."""
         protected = {p.resolve() for p in paths}
         todo = [p for p in paths if self.overwrite or not all(o.exists() for o in self.expected_outputs(p))]
         self.skipped = len(paths) - len(todo)
+        batches = [todo[lo:lo + self.batch_size] for lo in range(0, len(todo), self.batch_size)]
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(self._load_batch, batches[0]) if batches else None
+            for index in range(len(batches)):
+                items, x = pending.result()
+                if index + 1 < len(batches):
+                    pending = reader.submit(self._load_batch, batches[index + 1])
+                yield from self._explain_batch(items, x, protected)
+                if self.batch_progress is not None:
+                    self.batch_progress(min((index + 1) * self.batch_size, len(todo)), len(todo))
+
+    def _load_batch(self, paths: list[Path]) -> tuple[list[InputItem], np.ndarray]:
         rank = self.explainer.model.input.rank
-        for lo in range(0, len(todo), self.batch_size):
-            items = [load_input(p, self.preprocessing, rank) for p in todo[lo:lo + self.batch_size]]
-            shapes = {item.x.shape for item in items}
-            if len(shapes) > 1:
-                raise OnnxcamError(f"inputs of different shapes in one batch {sorted(shapes)}; "
-                                   "set --size so every image is resized alike")
-            x = np.stack([item.x for item in items])
-            yield from self._explain_batch(items, x, protected)
+        items = [load_input(p, self.preprocessing, rank) for p in paths]
+        shapes = {item.x.shape for item in items}
+        if len(shapes) > 1:
+            raise OnnxcamError(f"inputs of different shapes in one batch {sorted(shapes)}; "
+                               "set --size so every image is resized alike")
+        return items, np.stack([item.x for item in items])
 
     def _targets_per_rank(self, x: np.ndarray) -> list[np.ndarray | int | None]:
         if self.top_k is None:

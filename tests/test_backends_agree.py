@@ -1,5 +1,7 @@
 """The two gradient backends give the same gradients and maps (runs where onnxruntime-training is
 installed: the .venv-training environment of tools/run_tests.sh)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -38,3 +40,27 @@ def test_auto_prefers_portable_when_every_op_has_a_rule():
     explainer = Explainer(small_resnet(), "res", grad_backend="auto")
     explainer.explain(np.zeros((1, 3, 16, 16), np.float32))
     assert explainer.gradient_backend_used == "portable"
+
+
+REAL_EXPORTS = [Path(__file__).resolve().parents[1] / ".cache" / "models" / name
+                for name in ("efficientnet_lite0.onnx", "efficientnet_lite0_dynamo.onnx")]
+
+
+@pytest.mark.parametrize("path", REAL_EXPORTS, ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("scope", ["_blocks.15", "_blocks.1"], ids=["last-block", "early-block"])
+def test_backends_agree_on_efficientnet(path, scope):
+    """The real pretrained EfficientNet-Lite0 exports (built by the torch environment's tests into
+    .cache/models; skipped where absent): portable and ort-training gradients, relative L2 <= 1e-5."""
+    if not path.exists():
+        pytest.skip(f"{path.name} is built by the main test environment first")
+    x = np.random.default_rng(0).normal(0, 0.5, (2, 3, 224, 224)).astype(np.float32)
+    weights = np.zeros((2, 1000), np.float32)
+    weights[0, 285] = 1.0                                     # one explicit target, one arg-max row
+    gradients = {}
+    for backend in ("portable", "ort-training"):
+        explainer = Explainer(str(path), scope, grad_backend=backend, cache=False)
+        _, runner = explainer.gradient_session()
+        gradients[backend] = runner.run({"input": x, "onnxcam_target_weights": weights})[2]
+    p, t = gradients["portable"], gradients["ort-training"]
+    errors = [float(np.linalg.norm(p[i] - t[i]) / np.linalg.norm(t[i])) for i in range(len(x))]
+    assert max(errors) <= 1e-5, errors

@@ -108,3 +108,34 @@ def test_second_explainer_reads_the_augmented_model_from_the_cache(model, x, tmp
     assert again.gradient_backend_used == "portable"
     with pytest.raises(AssertionError, match="built again"):
         Explainer(model, "/features/conv/Conv", grad_backend="portable").explain(x)
+
+
+def test_missing_onnxruntime_names_the_extras(model, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(OnnxcamError, match=r"onnxcam\[cpu\]"):
+        Explainer(model, "/features/relu/Relu", cache=False).forward(np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_cam_refused_without_a_gap_linear_head(model, x):
+    explainer = Explainer(model, "/features/conv/Conv")
+    with pytest.raises(OnnxcamError, match="use --method gradcam"):
+        explainer.explain(x, method="cam")
+
+
+def test_gradient_method_without_any_backend_names_the_op(x):
+    from tiny_models import with_unruled_op
+    if ort_training_available():
+        pytest.skip("onnxruntime-training differentiates Einsum")
+    explainer = Explainer(with_unruled_op(tiny_classifier()), "/features/conv/Conv", cache=False)
+    with pytest.raises(OnnxcamError, match="Einsum"):
+        explainer.explain(x)
+    assert explainer.explain(x, method="eigencam").maps.shape == (5, 8, 8)   # gradient-free still works
+
+
+def test_scorecam_refused_when_node_axes_do_not_match_the_input(x):
+    from tiny_models import flattened_node_classifier
+    explainer = Explainer(flattened_node_classifier(), "/features/reshape")
+    assert explainer.nodes[0].shape == (None, 4, 64)
+    with pytest.raises(OnnxcamError, match="spatial axes"):
+        explainer.explain(x, method="scorecam")

@@ -1,5 +1,8 @@
 """Every method on small torch nets (1D, 2D, 3D) exported to ONNX equals the torch reference on the
 same weights and inputs (autograd for gradients, torch forward passes for Score-CAM)."""
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -69,3 +72,20 @@ def test_cam_equals_gradcam_for_gap_linear(case):
     _, x, explainer = case
     np.testing.assert_allclose(explainer.explain(x, "cam").maps, explainer.explain(x, "gradcam").maps,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "scorecam"])
+def test_several_nodes_fuse_like_the_reference(case, method):
+    """Two nodes: per-layer maps normalised and resized, then relu, mean and normalised again."""
+    net, x, _ = case
+    rank = x.ndim - 2
+    path = export_legacy(net, torch.from_numpy(x[:1]), Path(tempfile.mkdtemp()) / f"fuse{rank}d.onnx")
+    explainer = Explainer(str(path), ["features.2", "features.5"], grad_backend="portable")
+    targets = [2, 0, 1][: len(x)]
+    result = explainer.explain(x, method=method, targets=targets)
+    layers = []
+    for module in (net.features[2], net.features[5]):
+        A, G, _ = torch_oracle.activations_and_gradients(net, module, x, targets)
+        weights = torch_oracle.scorecam_weights(net, A, x, targets) if method == "scorecam" else None
+        layers.append(torch_oracle.layer_map(method, A, G, weights))
+    np.testing.assert_allclose(result.maps, torch_oracle.final_maps(layers, x.shape[2:]), atol=TOLERANCE)

@@ -205,3 +205,37 @@ def keras_mobilenet_like(nhwc: bool = True, seed: int = 0, size: int = 32) -> on
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def with_unruled_op(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with an Einsum (no portable rule) between the Relu and the pooling: 'act' -> 'act2'."""
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    for node in clone.graph.node:
+        if node.op_type == "GlobalAveragePool":
+            node.input[0] = "act2"
+    index = [n.name for n in clone.graph.node].index("/features/relu/Relu") + 1
+    clone.graph.node.insert(index, helper.make_node("Einsum", ["act"], ["act2"], name="/features/einsum",
+                                                    equation="nchw->nchw"))
+    onnx.checker.check_model(clone, full_check=True)
+    return clone
+
+
+def flattened_node_classifier() -> onnx.ModelProto:
+    """A 2D classifier whose conv output is reshaped to (N, 4, 64) before pooling: that node has one
+    spatial axis while the input has two."""
+    model = tiny_classifier(softmax=False, metadata=False)
+    for node in model.graph.node:
+        if node.op_type == "GlobalAveragePool":
+            node.op_type, node.input[0] = "ReduceMean", "flat_act"
+            node.attribute.extend([helper.make_attribute("axes", [2])])
+        if node.op_type == "Flatten":
+            node.input[0] = "pooled"
+    index = [n.name for n in model.graph.node].index("/features/relu/Relu") + 1
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 4, 64], np.int64), "flat_shape"))
+    model.graph.node.insert(index, helper.make_node("Reshape", ["act", "flat_shape"], ["flat_act"],
+                                                    name="/features/reshape"))
+    opset = model.opset_import[0]
+    opset.version = 17
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -6,8 +6,8 @@ resident high-water mark (reset between tools) over its first run, its set-up ex
 what running costs (ORT arenas, masked batches). Times: the tools and the plain forward take turns for
 ``--repeats`` rounds after a warm-up, so all see the same machine load; the table gives the best
 round (the median is in --json), batch-32 times per image.
-Score-CAM runs on one image (its masks are batched 32 at a time inside) and once, after a cheap
-warm-up: a single run is already hundreds of forward passes.
+Score-CAM runs on one image (its masks are batched 32 at a time inside): one warm-up run, then one
+timed run (a single run is already hundreds of forward passes).
 
     bash tools/setup_bench.sh                     # .venv-bench: torch, torchvision, grad-cam 1.5.7
     .venv-bench/bin/python tools/bench.py --model efficientnet --json .cache/bench_efficientnet.json
@@ -159,10 +159,7 @@ def worker(job: dict) -> dict:
         samples[tool] = {b: [] for b in job["batches"]}
         for b in job["batches"]:
             baseline = _reset_peak()
-            start = time.perf_counter()
-            output = runs[tool](inputs[b])      # warm-up; for Score-CAM also the one timed run
-            if slow:
-                samples[tool][b].append(time.perf_counter() - start)
+            output = runs[tool](inputs[b])      # warm-up (first-run allocations), and the maps
             entry["peak_mb"][str(b)] = _peak_mb() - baseline
             if output is not None:
                 maps, masks = output
@@ -175,9 +172,9 @@ def worker(job: dict) -> dict:
     forward_samples = {b: [] for b in (1, 32)}
     for b in (1, 32):
         forward(inputs[b])
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for tool in runs:
-            if not slow:
+            if not slow or round_ == 0:      # Score-CAM: one timed run after the warm-up
                 for b in job["batches"]:
                     samples[tool][b].append(_seconds(runs[tool], inputs[b]))
         for b in (1, 32):
@@ -330,6 +327,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-torch", action="store_true", help="do not run pytorch-grad-cam")
     parser.add_argument("--torch-scorecam", choices=("auto", "yes", "no"), default="auto",
                         help="pytorch-grad-cam Score-CAM (auto: EfficientNet only; ResNet-50 takes minutes)")
+    parser.add_argument("--node", help="explain this node instead of the model's last block (e.g. an early "
+                        "one, to see the cost of a deep backward pass); pytorch-grad-cam is then skipped")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -338,6 +337,8 @@ def main(argv=None) -> int:
         return 0
 
     spec = model_spec(args.model)
+    if args.node:
+        spec = dict(spec, node=args.node, torch=None)    # the torch twin's layer is the last block's
     ensure_model(spec)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(ALL_METHODS)
