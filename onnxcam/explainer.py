@@ -222,12 +222,12 @@ class Explainer:
         n = x.shape[0]
         wanted = self._targets(targets, n, self.num_classes(x)) if targets is not None else None
         mask = None if target_mask is None else np.asarray(target_mask, np.float32)
+        per_sample_mask = mask is not None and mask.ndim == self._output_rank(x) - 1
         step = batch_size or n
         parts = []
         for lo in range(0, n, step):
             part_targets = None if wanted is None else wanted[lo:lo + step]
-            per_sample = mask is not None and mask.ndim == self._output_rank(x) - 1
-            part_mask = mask[lo:lo + step] if per_sample else mask
+            part_mask = mask[lo:lo + step] if per_sample_mask else mask
             parts.append(self._explain_batch(x[lo:lo + step], spec, part_targets, part_mask, max_channels,
                                              progress, batch_size))
         maps, logits, chosen, scores = (np.concatenate([p[i] for p in parts]) for i in range(4))
@@ -269,15 +269,16 @@ class Explainer:
         if spec.needs_gradients:
             augmented, runner = self.gradient_session()
             logits_shape = self._logits_shape(x)
-            weights = self.target_weights(logits_shape, targets, mask)
-            outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: weights})
+            head_weights = self.target_weights(logits_shape, targets, mask)
+            outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: head_weights})
         else:
             outputs = self.forward(x)
         logits = outputs[0]
+        map_weights = None            # map outputs (N, K, *S): the target planes the score sums over
         if logits.ndim > 2:
-            weights = self.target_weights(logits.shape, targets, mask)
+            map_weights = self.target_weights(logits.shape, targets, mask)
             chosen = targets
-            scores = (logits * weights).reshape(n, -1).sum(1)
+            scores = (logits * map_weights).reshape(n, -1).sum(1)
         else:
             chosen = targets if targets is not None else np.argmax(logits, axis=1)
             scores = logits[np.arange(n), chosen]
@@ -292,9 +293,9 @@ class Explainer:
             elif spec.needs_classifier_weights:
                 layer_maps.append(spec.layer_map(a, self.classifier_head(node).weight[chosen]))
             elif spec.needs_forward:
-                layer_maps.append(spec.layer_map(a, self._scorecam_weights(x, a, chosen, weights if logits.ndim > 2
-                                                                           else None, node, batch_size,
-                                                                           max_channels, progress)))
+                weights = self._scorecam_weights(x, a, chosen, map_weights, node, batch_size, max_channels,
+                                                 progress)
+                layer_maps.append(spec.layer_map(a, weights))
             else:
                 layer_maps.append(spec.layer_map(a))
         size = self.input_spatial(x)
