@@ -66,7 +66,7 @@ def resize(e: Emitter, node, gy, need):
         raise Unsupported("antialias / axes / keep_aspect_ratio_policy")
     if e.opset < 11 or any(need[1:]):
         raise Unsupported("opset-10 Resize or a gradient for roi/scales/sizes")
-    x, y = node.input[0], node.output[0]
+    x = node.input[0]
     rank = e.rank(x)
     size_in = e.static_dims(x, range(rank))
     scales_name = node.input[2] if len(node.input) > 2 else ""
