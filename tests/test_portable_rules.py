@@ -15,10 +15,16 @@ from onnxcam.gradients import gradient_name, portable
 NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
 
 
+OLD_ORT = tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20)
+
+
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
+    # the rules are checked as written: no fusions (older builds fuse MatMul+Transpose into a
+    # contrib op that has no float64 kernel)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -319,6 +325,9 @@ AVGPOOLS = [
 
 @pytest.mark.parametrize("xs,attrs", AVGPOOLS, ids=[str(m[1]) for m in AVGPOOLS])
 def test_average_pool(xs, attrs):
+    if attrs.get("ceil_mode") and attrs.get("count_include_pad") and OLD_ORT:
+        pytest.skip("onnxruntime < 1.20 computes this AveragePool forward unlike the ONNX spec "
+                    "(0.21 away from onnx.reference), so finite differences of it are not an oracle")
     assert_gradients_match(one("AveragePool", "x", **attrs), {"x": rand(*xs, dtype=F32)})
 
 
