@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .opsets import axes_node
+
 PREFIX = "onnxcam_canon/"
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -129,19 +131,17 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict:
 
 # ---- opset-aware builders for ops whose axes moved from attribute to input ---------------------
 
-def _axes_op(rw: _Rewriter, node, op: str, data: str, out: str, axes, input_from: int, **attrs):
-    if rw.opset >= input_from:
-        return helper.make_node(op, [data, rw.const(node, f"{op}_axes", axes, np.int64)], [out],
-                                name=rw.name(node, op), **attrs)
-    return helper.make_node(op, [data], [out], name=rw.name(node, op), axes=list(axes), **attrs)
+def _axes_op(rw: _Rewriter, node, op: str, data: str, out: str, axes, **attrs):
+    return axes_node(op, data, out, axes, rw.opset,
+                     lambda value: rw.const(node, f"{op}_axes", value, np.int64), name=rw.name(node, op), **attrs)
 
 
 def _reduce_mean(rw, node, data, out, axes):
-    return _axes_op(rw, node, "ReduceMean", data, out, axes, 18, keepdims=1)
+    return _axes_op(rw, node, "ReduceMean", data, out, axes, keepdims=1)
 
 
 def _squeeze(rw, node, data, out, axes):
-    return _axes_op(rw, node, "Squeeze", data, out, axes, 13)
+    return _axes_op(rw, node, "Squeeze", data, out, axes)
 
 
 def _op(rw: _Rewriter, node, op: str, inputs: list[str], what: str, outputs=None, **attrs):

@@ -21,6 +21,7 @@ from . import layouts
 from .errors import OnnxcamError
 from .methods.scorecam import MASK_EPS, checked_inputs, kept_channels, softmax
 from .model import LoadedModel, default_opset
+from .opsets import axes_node
 from .runtime import Runner, import_onnxruntime
 from .surgery import copy_model, find_logits, set_outputs
 
@@ -35,11 +36,9 @@ def _const(graph: onnx.GraphProto, name: str, value) -> str:
 
 
 def _reduce(graph, opset: int, op: str, data: str, out: str, axes: list[int]) -> onnx.NodeProto:
-    """ReduceMin/ReduceMax with keepdims; axes are an attribute before opset 18, an input from 18."""
-    if opset >= 18:
-        axes_name = _const(graph, out.removeprefix(_P) + "_axes", np.array(axes, dtype=np.int64))
-        return helper.make_node(op, [data, axes_name], [out], keepdims=1)
-    return helper.make_node(op, [data], [out], axes=axes, keepdims=1)
+    """ReduceMin/ReduceMax with keepdims."""
+    return axes_node(op, data, out, axes, opset,
+                     lambda value: _const(graph, out.removeprefix(_P) + "_axes", value), keepdims=1)
 
 
 def _input_dims(spec) -> list:

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import OnnxcamError
 from .gradients import build_gradient_model, gradient_name
 from .model import LoadedModel, default_opset
+from .opsets import axes_node
 
 TARGET_WEIGHTS = "onnxcam_target_weights"
 SCORE = "onnxcam_score"
@@ -93,14 +94,12 @@ def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 
 
 def _reduce_sum(graph, opset, data, out, axes, keepdims):
-    """ReduceSum whose axes are an attribute before opset 13 and an input from 13 on."""
+    """ReduceSum over ``axes`` (all axes when None)."""
     if axes is None:
         graph.node.append(helper.make_node("ReduceSum", [data], [out], keepdims=keepdims))
-    elif opset >= 13:
-        axes_name = _const(graph, out + "/axes", np.array(axes, dtype=np.int64))
-        graph.node.append(helper.make_node("ReduceSum", [data, axes_name], [out], keepdims=keepdims))
     else:
-        graph.node.append(helper.make_node("ReduceSum", [data], [out], axes=axes, keepdims=keepdims))
+        graph.node.append(axes_node("ReduceSum", data, out, axes, opset,
+                                    lambda value: _const(graph, out + "/axes", value), keepdims=keepdims))
 
 
 def add_target_head(proto: onnx.ModelProto, logits: str) -> str:

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...opsets import axes_are_input
+
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 Dim = int | str | None
@@ -146,24 +148,21 @@ class Emitter:
             self._shape_cache[x] = self.op("Shape", [x])
         return self._shape_cache[x]
 
-    def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
+    def axes_op(self, op_type: str, x: str, axes, **attrs) -> str:
+        """``op_type(x)`` over ``axes``, given as an input or an attribute as the opset wants."""
         axes = [int(a) for a in axes]
-        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
-        if axes_as_input:
-            return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
-        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
+        if axes_are_input(op_type, self.opset):
+            return self.op(op_type, [x, self.ints(axes)], **attrs)
+        return self.op(op_type, [x], axes=axes, **attrs)
+
+    def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
+        return self.axes_op(op_type, x, axes, keepdims=keepdims)
 
     def unsqueeze(self, x: str, axes) -> str:
-        axes = [int(a) for a in axes]
-        if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.ints(axes)])
-        return self.op("Unsqueeze", [x], axes=axes)
+        return self.axes_op("Unsqueeze", x, axes)
 
     def squeeze(self, x: str, axes) -> str:
-        axes = [int(a) for a in axes]
-        if self.opset >= 13:
-            return self.op("Squeeze", [x, self.ints(axes)])
-        return self.op("Squeeze", [x], axes=axes)
+        return self.axes_op("Squeeze", x, axes)
 
     def zeros_like(self, x: str) -> str:
         zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(self.dtype(x))), "")
