@@ -77,17 +77,6 @@ def _preprocessing(model, size, mean, std, scale, layout, bgr):
     return replace(base, **fields).validated()
 
 
-def _probe_shape(model, preprocessing):
-    shape = model.input.shape
-    if shape is None or len(shape) != 4 or preprocessing.size is None:
-        return None
-    channels = shape[1] if preprocessing.layout == "NCHW" else shape[3]
-    if not isinstance(channels, int) or channels <= 0:
-        channels = len(preprocessing.mean)
-    h, w = preprocessing.size
-    return (1, channels, h, w) if preprocessing.layout == "NCHW" else (1, h, w, channels)
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
@@ -99,7 +88,7 @@ def nodes(model, size, as_json):
 
     loaded = load_model(model)
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
-    probe = _probe_shape(loaded, preprocessing)
+    probe = preprocessing.probe_shape(loaded.input.shape)
     candidates = list_candidates(loaded.proto, {loaded.input.name: probe} if probe else None)
     if not candidates:
         raise OnnxcamError(f"{model} has no node with a spatial output (rank 3-5); nothing to explain")
@@ -178,7 +167,7 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                                    scale, layout, bgr)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
                           layout=preprocessing.layout, probabilities=probabilities,
-                          input_shape=_probe_shape(loaded, preprocessing), cache=not no_cache)
+                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
@@ -256,7 +245,7 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
                           layout=preprocessing.layout, probabilities=probabilities,
-                          input_shape=_probe_shape(loaded, preprocessing))
+                          input_shape=preprocessing.probe_shape(loaded.input.shape))
     augmented = explainer.augmented_gradient_model()
     data = augmented.proto.SerializeToString()
     if len(data) >= 2 ** 31:

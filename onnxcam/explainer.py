@@ -4,7 +4,7 @@ batches. ``explain()`` is the one-call shortcut.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -14,6 +14,7 @@ from .cache import cached_model
 from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError
 from .gradients import ort_training_available
+from .imaging import Preprocessing
 from .methods import get_method
 from .methods.postprocess import fuse_layers, layer_to_input
 from .methods.scorecam import scorecam_weights
@@ -74,14 +75,12 @@ class Explainer:
         dims = [1 if i == 0 else d for i, d in enumerate(spec.shape)]
         if all(isinstance(d, int) and d > 0 for d in dims):
             return {spec.name: tuple(dims)}
-        size = (self.model.preprocess or {}).get("size")
-        if size is not None and len(dims) == 4:
-            h, w = (size, size) if isinstance(size, int) else size
-            channels_first = self.input_layout == layouts.FIRST
-            c = dims[1] if channels_first else dims[3]
-            if isinstance(c, int):
-                return {spec.name: (1, c, h, w) if channels_first else (1, h, w, c)}
-        return None
+        if len(dims) != 4:
+            return None
+        layout = "NCHW" if self.input_layout == layouts.FIRST else "NHWC"
+        preprocessing = replace(Preprocessing.from_metadata(self.model.preprocess, spec.shape), layout=layout)
+        probe = preprocessing.probe_shape(spec.shape)
+        return {spec.name: probe} if probe else None
 
     @property
     def tensors(self) -> list[str]:

@@ -128,7 +128,7 @@ class FileExplainer:
     def expected_outputs(self, path: Path) -> list[Path]:
         ranks = range(1, self.top_k + 1) if self.top_k else [None]
         if len(self.methods) > 1:
-            return [self.out_dir / f"{path.stem}_all{f'_top{r}' if r else ''}.png" for r in ranks]
+            return [self.out_dir / (output_stem(path, "all", r) + ".png") for r in ranks]
         return [self.out_dir / (output_stem(path, self.methods[0], r) + ".png") for r in ranks]
 
     def run(self, paths: list[Path]):
@@ -199,8 +199,7 @@ class FileExplainer:
                                       float(explanation.scores[i]), explanation.nodes,
                                       explanation.seconds / len(explanation.maps), written, cam))
         if panels:
-            tag = f"_top{rank_tag}" if rank_tag else ""
-            grid_path = outputs.write_png(self.out_dir / f"{item.path.stem}_all{tag}.png",
+            grid_path = outputs.write_png(self.out_dir / (output_stem(item.path, "all", rank_tag) + ".png"),
                                           imaging.grid(panels, columns=min(5, len(panels))), protected)
             for result in results:
                 result.written.insert(0, grid_path)

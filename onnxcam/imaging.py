@@ -67,6 +67,17 @@ class Preprocessing:
             raise OnnxcamError(f"--size {self.size} must be positive")
         return self
 
+    def probe_shape(self, input_shape: tuple | None) -> tuple | None:
+        """Batch-1 shape of a rank-4 model input at this preprocessing's size (for the one probe run
+        that measures layer shapes when the model's spatial axes are symbolic)."""
+        if input_shape is None or len(input_shape) != 4 or self.size is None:
+            return None
+        channels = input_shape[1] if self.layout == "NCHW" else input_shape[3]
+        if not isinstance(channels, int) or channels <= 0:
+            channels = len(self.mean)
+        h, w = self.size
+        return (1, channels, h, w) if self.layout == "NCHW" else (1, h, w, channels)
+
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """One RGB uint8 image (H, W, 3) -> float32 array (C, h, w) or (h, w, C) without batch axis."""
         image = rgb if self.color == "RGB" else rgb[..., ::-1]
