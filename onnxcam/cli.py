@@ -59,7 +59,7 @@ def main():
 
 
 def _preprocessing(model, size, mean, std, scale, layout, bgr):
-    from .imaging import Preprocessing
+    from .preprocess import Preprocessing
     base = Preprocessing.from_metadata(model.preprocess, model.input.shape)
     fields = {}
     if size is not None:
@@ -212,7 +212,7 @@ def read_mask(path: str):
     import numpy as np
     from pathlib import Path
 
-    from .imaging import read_image
+    from .preprocess import read_image
     if Path(path).suffix.lower() == ".npy":
         try:
             return np.load(path, allow_pickle=False).astype(np.float32)

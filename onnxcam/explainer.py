@@ -14,7 +14,7 @@ from .cache import cached_model
 from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError
 from .gradients import ort_training_available
-from .imaging import Preprocessing
+from .preprocess import Preprocessing
 from .methods import get_method
 from .methods.postprocess import fuse_layers, layer_to_input
 from .methods.scorecam import scorecam_weights

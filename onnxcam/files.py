@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import imaging, outputs
+from . import outputs, render
 from .errors import OnnxcamError
 from .explainer import Explainer, Explanation
-from .imaging import Preprocessing
+from .preprocess import IMAGE_SUFFIXES, Preprocessing, read_image
 
 
 @dataclass
@@ -54,7 +54,7 @@ def collect_inputs(specs: list[str]) -> list[Path]:
             found.extend(matches)
         elif path.is_dir():
             matches = sorted(p for p in path.iterdir()
-                             if p.is_file() and p.suffix.lower() in (*imaging.IMAGE_SUFFIXES, ".npy"))
+                             if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"))
             if not matches:
                 raise OnnxcamError(f"folder {path} holds no image or .npy file")
             found.extend(matches)
@@ -78,7 +78,7 @@ def load_input(path: Path, preprocessing: Preprocessing, model_rank: int | None)
             raise OnnxcamError(f"input {path} has shape {array.shape}; the model takes rank {model_rank} "
                                "batches, so save one sample without the batch axis")
         return InputItem(path, np.asarray(array, np.float32), None)
-    rgb = imaging.read_image(path)
+    rgb = read_image(path)
     return InputItem(path, preprocessing.apply(rgb), rgb)
 
 
@@ -87,11 +87,11 @@ def output_stem(path: Path, method: str, rank: int | None) -> str:
     return f"{path.stem}_{method.replace('+', 'pp')}{suffix}"
 
 
-def render(item: InputItem, cam: np.ndarray, alpha: float) -> np.ndarray:
+def draw(item: InputItem, cam: np.ndarray, alpha: float) -> np.ndarray:
     """A picture for a person: overlay on the photo, or a plot of the map for .npy inputs."""
     if item.rgb is not None:
-        return imaging.overlay(item.rgb, cam, alpha)
-    return imaging.render_map(item.x, cam)
+        return render.overlay(item.rgb, cam, alpha)
+    return render.render_map(item.x, cam)
 
 
 class FileExplainer:
@@ -181,17 +181,17 @@ class FileExplainer:
 
     def _write(self, item, i, explanations, rank, rank_tag, protected):
         results = []
-        panels = [imaging.label_panel(item.rgb if item.rgb is not None else imaging.render_input(item.x),
+        panels = [render.label_panel(item.rgb if item.rgb is not None else render.render_input(item.x),
                                       "input")] if len(explanations) > 1 else []
         for method, explanation in explanations.items():
             cam = explanation.maps[i]
-            picture = render(item, cam, self.alpha)
+            picture = draw(item, cam, self.alpha)
             stem = output_stem(item.path, method, rank_tag)
             written = []
             if len(explanations) == 1:
                 written.append(outputs.write_png(self.out_dir / f"{stem}.png", picture, protected))
             else:
-                panels.append(imaging.label_panel(picture, method))
+                panels.append(render.label_panel(picture, method))
             if self.save_npy or item.rgb is None:
                 written.append(outputs.write_npy(self.out_dir / f"{stem}.npy", cam, protected))
             target = int(explanation.targets[i])
@@ -200,7 +200,7 @@ class FileExplainer:
                                       explanation.seconds / len(explanation.maps), written, cam))
         if panels:
             grid_path = outputs.write_png(self.out_dir / (output_stem(item.path, "all", rank_tag) + ".png"),
-                                          imaging.grid(panels, columns=min(5, len(panels))), protected)
+                                          render.grid(panels, columns=min(5, len(panels))), protected)
             for result in results:
                 result.written.insert(0, grid_path)
         yield from results

@@ -84,7 +84,7 @@ def make_inputs(spec: dict, directory: Path) -> tuple[Path, Path]:
     import numpy as np
     from skimage import data
 
-    from onnxcam.imaging import Preprocessing
+    from onnxcam.preprocess import Preprocessing
     from onnxcam.model import load_model
 
     model = load_model(spec["onnx"])

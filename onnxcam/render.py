@@ -1,0 +1,110 @@
+"""Pictures out, for people: heatmap overlays on photos, labelled grids, and plots of 1D/2D/3D maps.
+
+Colouring follows pytorch-grad-cam: OpenCV's JET colormap of the [0, 1] map, blended with the photo.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .errors import OnnxcamError
+
+
+def jet_heatmap(cam: np.ndarray) -> np.ndarray:
+    """RGB uint8 JET colouring of a [0, 1] map (OpenCV's colormap, as pytorch-grad-cam uses)."""
+    scaled = np.uint8(np.clip(cam, 0.0, 1.0) * 255)
+    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend ``(1 - alpha) * image + alpha * heatmap`` at the original image size (uint8 RGB)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
+    height, width = rgb.shape[:2]
+    if cam.shape != (height, width):
+        cam = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = jet_heatmap(cam).astype(np.float32)
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
+    return np.uint8(np.clip(np.rint(blended), 0, 255))
+
+
+def label_panel(image: np.ndarray, text: str) -> np.ndarray:
+    """The image with a caption strip above it (for side-by-side grids)."""
+    strip = np.full((24, image.shape[1], 3), 255, np.uint8)
+    cv2.putText(strip, text[: max(1, image.shape[1] // 9)], (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, image], axis=0)
+
+
+def grid(panels: list[np.ndarray], columns: int = 4) -> np.ndarray:
+    """Panels of one size laid out in rows, padded white."""
+    h, w = panels[0].shape[:2]
+    rows = -(-len(panels) // columns)
+    canvas = np.full((rows * h, min(columns, len(panels)) * w, 3), 255, np.uint8)
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = panel
+    return canvas
+
+
+_PLOT_HEIGHT, _PLOT_WIDTH = 256, 768
+
+
+def _signal_for(x: np.ndarray, length: int) -> np.ndarray:
+    """The first channel of a (C, L) or (L, C) signal whose length matches the map."""
+    if x.ndim == 1:
+        return x
+    return x[0] if x.shape[-1] == length else x[..., 0]
+
+
+def _plot_signal(signal: np.ndarray, cam: np.ndarray | None) -> np.ndarray:
+    canvas = np.full((_PLOT_HEIGHT, _PLOT_WIDTH, 3), 255, np.uint8)
+    if cam is not None:
+        band = jet_heatmap(cv2.resize(cam[None, :].astype(np.float32), (_PLOT_WIDTH, 1)))
+        canvas[-24:] = np.repeat(band, 24, axis=0)
+    values = signal.astype(np.float64)
+    span = values.max() - values.min()
+    ys = (values - values.min()) / (span if span > 0 else 1.0)
+    xs = np.linspace(0, _PLOT_WIDTH - 1, len(values))
+    points = np.stack([xs, (1 - ys) * (_PLOT_HEIGHT - 40) + 8], axis=1).astype(np.int32)
+    cv2.polylines(canvas, [points], False, (20, 20, 20), 1, cv2.LINE_AA)
+    return canvas
+
+
+def _to_panel(gray: np.ndarray) -> np.ndarray:
+    side = _PLOT_HEIGHT
+    return cv2.resize(gray, (side, side), interpolation=cv2.INTER_NEAREST)
+
+
+def _normalized(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float32)
+    span = float(values.max() - values.min())
+    return (values - values.min()) / (span if span > 0 else 1.0)
+
+
+def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
+    d, h, w = volume.shape
+    return [volume[d // 2], volume[:, h // 2, :], volume[:, :, w // 2]]
+
+
+def render_map(x: np.ndarray, cam: np.ndarray | None) -> np.ndarray:
+    """A picture of a non-photo input and its map: a line plot with a heat band for 1D signals, the
+    heatmap for 2D arrays, and the three mid-slices for 3D volumes (RGB uint8)."""
+    spatial = cam.ndim if cam is not None else max(1, x.ndim - 1)
+    if spatial == 1:
+        length = cam.shape[0] if cam is not None else max(x.shape)
+        return _plot_signal(_signal_for(x, length), cam)
+    if spatial == 2:
+        if cam is None:
+            gray = np.uint8(_normalized(x[0] if x.shape[0] <= 4 else x[..., 0]) * 255)
+            return cv2.cvtColor(_to_panel(gray), cv2.COLOR_GRAY2RGB)
+        return _to_panel(jet_heatmap(cam))
+    if cam is None:
+        volume = x[0] if x.ndim == 4 else x
+        return np.concatenate([cv2.cvtColor(_to_panel(np.uint8(_normalized(s) * 255)), cv2.COLOR_GRAY2RGB)
+                               for s in _mid_slices(volume)], axis=1)
+    return np.concatenate([_to_panel(jet_heatmap(s)) for s in _mid_slices(cam)], axis=1)
+
+
+def render_input(x: np.ndarray) -> np.ndarray:
+    return render_map(x, None)
