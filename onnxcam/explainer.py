@@ -15,15 +15,15 @@ from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
-from .methods import get_method
+from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
 from .methods.postprocess import fuse_layers, layer_to_input
-from .methods.scorecam import scorecam_weights
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
+from .preprocess import Preprocessing
 from .runtime import Runner
-from .scorecam_graph import ScoreCamScorer
+from .scorecam import ScoreCam
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
-                      find_logits, tensor_shape)
+                      find_logits)
 
 
 @dataclass
@@ -51,19 +51,27 @@ class Explainer:
         self.probabilities = probabilities
         self.threads = threads
         self.cache = cache
-        self.logits_name = find_logits(self.model.proto, probabilities)
+        self.logits_name = find_logits(self.model.view, probabilities)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
-        self.candidates = list_candidates(self.model.proto, self._probe_shapes(input_shape))
+        self.candidates = list_candidates(self.model, self._probe_shapes(input_shape))
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
-        self.nodes: list[NodeInfo] = [resolve_node(self.model.proto, spec, self.candidates) for spec in specs]
+        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates) for spec in specs]
         self._gradient_model: tuple[AugmentedModel, Runner] | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._static_logits_shape: tuple | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
-        self._scorer: ScoreCamScorer | None = None
+        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
+                                 threads, probabilities)
+        # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
+        self._needs = {
+            GRADIENTS: (self.gradient_session, lambda batch, i: batch.gradients[i]),
+            CLASS_WEIGHTS: (self._check_classifier_heads,
+                            lambda batch, i: self.classifier_head(self.nodes[i]).weight[batch.chosen]),
+            CHANNEL_SCORES: (self._check_scorecam, self._scorecam_weights),
+        }
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
@@ -139,7 +147,7 @@ class Explainer:
         """Shape of the scored output for batch ``x``: static when the graph says so, else from one
         forward run per input shape (remembered)."""
         if self._static_logits_shape is None:
-            shape = tensor_shape(self.model.proto, self.logits_name)
+            shape = self.model.view.static_shape(self.logits_name)
             static = shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:])
             self._static_logits_shape = tuple(shape[1:]) if static else ()
         if self._static_logits_shape:
@@ -151,18 +159,16 @@ class Explainer:
 
     def check_method(self, method: str) -> None:
         """Raise OnnxcamError when ``method`` cannot run on this model and node."""
-        spec = get_method(method)
-        if spec.needs_gradients:
-            self.gradient_session()
-        if spec.needs_classifier_weights:
-            for node in self.nodes:
-                self.classifier_head(node)
-        if spec.needs_forward:
-            rank = self.model.input.rank
-            for node in self.nodes:
-                if node.shape is not None and rank is not None and len(node.shape) != rank:
-                    raise OnnxcamError(f"Score-CAM needs the node's spatial axes to match the input's; "
-                                       f"node {node.name} has shape {node.shape}, the input rank {rank}")
+        for need in get_method(method).needs:
+            self._needs[need][0]()
+
+    def _check_classifier_heads(self) -> None:
+        for node in self.nodes:
+            self.classifier_head(node)
+
+    def _check_scorecam(self) -> None:
+        for node in self.nodes:
+            self.scorecam.check(node.name, len(node.shape) if node.shape is not None else None)
 
     # ---- running ------------------------------------------------------------------------------
     def check_input(self, x) -> np.ndarray:
@@ -263,12 +269,11 @@ class Explainer:
         weights[np.arange(n), targets] = plane
         return weights
 
-    def _explain_batch(self, x, spec, targets, mask, max_channels, progress, batch_size):
+    def _explain_batch(self, x, spec: Method, targets, mask, max_channels, progress, batch_size):
         n = x.shape[0]
-        if spec.needs_gradients:
+        if GRADIENTS in spec.needs:
             augmented, runner = self.gradient_session()
-            logits_shape = self._logits_shape(x)
-            head_weights = self.target_weights(logits_shape, targets, mask)
+            head_weights = self.target_weights(self._logits_shape(x), targets, mask)
             outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: head_weights})
         else:
             outputs = self.forward(x)
@@ -285,64 +290,34 @@ class Explainer:
         activations = [self._channels_first(a, x) for a in outputs[1:1 + m]]
         gradients = [self._channels_first(g, x, like=a) for g, a in zip(outputs[1 + m:1 + 2 * m],
                                                                         outputs[1:1 + m])]
-        layer_maps = []
-        for i, (node, a) in enumerate(zip(self.nodes, activations)):
-            if spec.needs_gradients:
-                layer_maps.append(spec.layer_map(a, gradients[i]))
-            elif spec.needs_classifier_weights:
-                layer_maps.append(spec.layer_map(a, self.classifier_head(node).weight[chosen]))
-            elif spec.needs_forward:
-                weights = self._scorecam_weights(x, a, chosen, map_weights, node, batch_size, max_channels,
-                                                 progress)
-                layer_maps.append(spec.layer_map(a, weights))
-            else:
-                layer_maps.append(spec.layer_map(a))
+        batch = _Batch(x, np.asarray(chosen, np.int64), map_weights, activations, gradients,
+                       dict(batch_size=batch_size, max_channels=max_channels, progress=progress))
+        layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
+                                                        for need in spec.needs}))
+                      for i, a in enumerate(activations)]
         size = self.input_spatial(x)
         maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
-        return (maps.astype(np.float32), logits, np.asarray(chosen, np.int64), scores.astype(np.float32),
-                layer_maps)
+        return (maps.astype(np.float32), logits, batch.chosen, scores.astype(np.float32), layer_maps)
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like
         layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)
         return layouts.to_channels_first(array, layout)
 
-    def _scorecam_weights(self, x, a, chosen, map_weights, node, batch_size, max_channels, progress):
-        size = self.input_spatial(x)
-        if a.ndim - 2 != len(size):
-            raise OnnxcamError(f"Score-CAM needs the node's spatial axes to match the input's; node "
-                               f"{node.name} has {a.ndim - 2} spatial axes, the input {len(size)}")
-        options = dict(batch_size=batch_size or 32, max_channels=max_channels, progress=progress)
-        if map_weights is None and self.score_cam_scorer() is not None:
-            return self._scorer.weights(a, x, chosen, **options)
-        x_first = layouts.to_channels_first(x, self.input_layout)
-        if map_weights is None:
-            return scorecam_weights(a, x_first, chosen, self._masked_logits(None), **options)
-        # map outputs: each sample scores its target plane summed over its own mask
-        return np.concatenate([
-            scorecam_weights(a[i:i + 1], x_first[i:i + 1], chosen[i:i + 1],
-                             self._masked_logits(map_weights[i, chosen[i]]), **options)
-            for i in range(len(x))])
+    def _scorecam_weights(self, batch: "_Batch", i: int) -> np.ndarray:
+        return self.scorecam.weights(self.nodes[i].name, batch.activations[i], batch.x, batch.chosen,
+                                     batch.map_weights, **batch.options)
 
-    def score_cam_scorer(self) -> ScoreCamScorer | None:
-        """The in-graph Score-CAM scorer (masks built and scored in one session), or None where the
-        model's opset is too old for it (the NumPy path then builds the masks)."""
-        if self._scorer is None:
-            try:
-                self._scorer = ScoreCamScorer(self.model, self.input_layout, self.provider, self.threads,
-                                              self.probabilities)
-            except OnnxcamError:
-                self._scorer = False
-        return self._scorer or None
 
-    def _masked_logits(self, plane: np.ndarray | None):
-        """forward_logits for Score-CAM: channels-first batch -> (B, K) scores."""
-        def forward_logits(batch: np.ndarray) -> np.ndarray:
-            logits = self.forward(layouts.to_layout(batch.astype(np.float32), self.input_layout))[0]
-            if plane is None:
-                return logits
-            return (logits * plane).reshape(logits.shape[0], logits.shape[1], -1).sum(-1)
-        return forward_logits
+@dataclass
+class _Batch:
+    """What one run of the model gave for a batch, read by the need providers."""
+    x: np.ndarray
+    chosen: np.ndarray
+    map_weights: np.ndarray | None
+    activations: list[np.ndarray]
+    gradients: list[np.ndarray]
+    options: dict
 
 
 def _shape_text(shape) -> str:

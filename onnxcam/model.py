@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
 from .errors import OnnxcamError
+from .graph import GraphView, default_opset
 
 PREPROCESS_KEY = "onnxcam.preprocess"
 CLASS_NAMES_KEY = "onnxcam.class_names"
@@ -45,9 +47,14 @@ class LoadedModel:
         """The single data input onnxcam explains."""
         return self.inputs[0]
 
+    @cached_property
+    def view(self) -> GraphView:
+        """The one read-only view of this model's graph (shapes, producers, constants, opset)."""
+        return GraphView(self.proto)
+
     @property
     def opset(self) -> int:
-        return default_opset(self.proto)
+        return self.view.opset
 
     @property
     def preprocess(self) -> dict | None:
@@ -66,14 +73,6 @@ def _json_metadata(metadata: dict[str, str], key: str):
         return json.loads(metadata[key])
     except json.JSONDecodeError as exc:
         raise OnnxcamError(f"model metadata {key!r} is not valid JSON ({exc}); fix or remove it") from exc
-
-
-def default_opset(proto: onnx.ModelProto) -> int:
-    """The opset version of the default ONNX domain."""
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    raise OnnxcamError("the model imports no default ONNX opset; it is not a standard ONNX model")
 
 
 def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
@@ -108,6 +107,7 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> Lo
     if inputs[0].elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
         raise OnnxcamError(f"input {inputs[0].name!r} of {_label(path)} is not a float tensor; "
                            "onnxcam needs a float image/signal input")
+    default_opset(proto)   # a model without the default domain is not one onnxcam can read
     metadata = {p.key: p.value for p in proto.metadata_props}
     return LoadedModel(proto, path, inputs, outputs, metadata)
 

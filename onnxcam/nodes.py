@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .errors import OnnxcamError
+from .graph import GraphView, attribute, view_of
 
 DYNAMO_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -56,10 +57,13 @@ class NodeInfo:
 # ---------------------------------------------------------------- listing
 
 
-def list_candidates(model: onnx.ModelProto,
-                    probe_input_shapes: dict[str, tuple] | None = None) -> list[NodeInfo]:
-    """Every node whose first output is a float tensor of rank 3-5, in graph order."""
-    types = _inferred_types(model)
+def list_candidates(model, probe_input_shapes: dict[str, tuple] | None = None) -> list[NodeInfo]:
+    """Every node whose first output is a float tensor of rank 3-5, in graph order.
+
+    ``model``: a GraphView, LoadedModel or ModelProto."""
+    view = view_of(model)
+    model = view.proto
+    types = _known_types(view)
     unknown = [node.output[0] for node in _layer_nodes(model) if _needs_probe(types.get(node.output[0]))]
     if unknown:
         symbolic_batch = _has_symbolic_batch(model)
@@ -128,24 +132,9 @@ def _layer_nodes(model: onnx.ModelProto):
             if node.op_type not in _NOT_LAYERS and node.output and node.output[0]]
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, tuple]:
-    """tensor name → (elem_type or None, shape or None) from ONNX shape inference (best effort)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except Exception:  # inference is a help, never a requirement: the probe covers the rest
-        inferred = model
-    graph = inferred.graph
-    types = {}
-    for value_info in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value_info.type.HasField("tensor_type"):
-            tensor_type = value_info.type.tensor_type
-            shape = None
-            if tensor_type.HasField("shape"):
-                shape = tuple(dim.dim_value if dim.HasField("dim_value") else None
-                              for dim in tensor_type.shape.dim)
-            types[value_info.name] = (tensor_type.elem_type or None, shape)
-    return types
+def _known_types(view: GraphView) -> dict[str, tuple]:
+    """tensor name → (elem_type or None, shape with None for symbolic dims, or None)."""
+    return {name: (elem or None, view.static_shape(name)) for name, (elem, _) in view.types().items()}
 
 
 def _needs_probe(known: tuple | None) -> bool:
@@ -235,13 +224,14 @@ def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
 # ---------------------------------------------------------------- default node
 
 
-def default_node(candidates: list[NodeInfo], model: onnx.ModelProto) -> NodeInfo:
+def default_node(candidates: list[NodeInfo], model) -> NodeInfo:
     """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
     ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate."""
+    view = view_of(model)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
-    producers = {output: node for node in model.graph.node for output in node.output}
-    pooled = [node.input[0] for node in model.graph.node
-              if node.input and _is_global_pool(node, by_tensor, model)]
+    producers = view.producer
+    pooled = [node.input[0] for node in view.graph.node
+              if node.input and _is_global_pool(node, by_tensor, view)]
     if pooled:
         tensor = pooled[-1]
         while tensor in producers and producers[tensor].op_type in _TRIVIA and producers[tensor].input:
@@ -255,7 +245,7 @@ def default_node(candidates: list[NodeInfo], model: onnx.ModelProto) -> NodeInfo
     return spatial[-1]
 
 
-def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model: onnx.ModelProto) -> bool:
+def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], view: GraphView) -> bool:
     source = by_tensor.get(node.input[0])
     if node.op_type in _GLOBAL_POOLS:
         return True
@@ -267,7 +257,7 @@ def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model:
     if node.op_type in _WINDOW_POOLS:  # a pool window as large as the map, as old exports write it
         return output is not None and not output.spatial
     if node.op_type in _REDUCE_POOLS:
-        axes = _reduce_axes(node, model)
+        axes = _reduce_axes(node, view)
         if axes is None:
             return output is not None and not output.spatial
         rank = len(source.shape)
@@ -276,33 +266,19 @@ def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model:
     return False
 
 
-def _reduce_axes(node: onnx.NodeProto, model: onnx.ModelProto) -> list[int] | None:
-    for attribute in node.attribute:
-        if attribute.name == "axes":
-            return list(attribute.ints)
+def _reduce_axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:
+    axes = attribute(node, "axes")
+    if axes is not None:
+        return list(axes)
     if len(node.input) > 1 and node.input[1]:
-        return _constant_ints(model, node.input[1])
-    return None
-
-
-def _constant_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
-    for initializer in model.graph.initializer:
-        if initializer.name == name:
-            return [int(v) for v in numpy_helper.to_array(initializer).reshape(-1)]
-    for node in model.graph.node:
-        if node.op_type == "Constant" and name in node.output:
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    return [int(v) for v in numpy_helper.to_array(attribute.t).reshape(-1)]
-                if attribute.name in ("value_ints", "value_int"):
-                    return list(attribute.ints) or [attribute.i]
+        return view.constant_ints(node.input[1])
     return None
 
 
 # ---------------------------------------------------------------- resolving --node
 
 
-def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
+def resolve_node(model, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
     """The node a user means by ``spec``; exact names beat module scopes (see module docstring).
 
     Accepted, in this order of preference: ``auto``; a node name; an output tensor name (``:0`` may be
@@ -312,16 +288,17 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
     (``_conv_head`` for weight ``_conv_head.weight``); last, a Keras layer ``out_relu`` for scope ``out_relu_1``.
     """
     spec = spec.strip()
+    view = view_of(model)
     if spec.lower() == "auto":
-        return default_node(candidates, model)
-    nodes = list(model.graph.node)
+        return default_node(candidates, view)
+    nodes = list(view.graph.node)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     for exact in ((node for node in nodes if node.name == spec),
                   (node for node in nodes if node.output and node.output[0] == spec),
                   (node for node in nodes if node.output and node.output[0] == f"{spec}:0")):
         found = list(exact)
         if found:
-            return _spatial_or_error(found[-1], by_tensor, model)
+            return _spatial_or_error(found[-1], by_tensor, view)
     parts = [part for part in spec.split("/") if part]
     if parts:
         # exact spellings before Keras-style `_1` suffixes; paths from the root before nested ones
@@ -329,7 +306,7 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
                     lambda: _nodes_in_scope(nodes, parts, True, False, True),
                     lambda: _nodes_in_scope(nodes, parts, False, False, False),
                     lambda: _nodes_in_scope(nodes, parts, False, False, True),
-                    lambda: _nodes_using_parameters_of(model, nodes, ".".join(parts))]
+                    lambda: _nodes_using_parameters_of(view, nodes, ".".join(parts))]
         searches += [lambda anchored=anchored, with_op=with_op: _nodes_in_scope(nodes, parts, anchored, True, with_op)
                      for anchored, with_op in itertools.product((True, False), (False, True))]
         for search in searches:
@@ -337,7 +314,7 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
             if inside:
                 spatial = [by_tensor[node.output[0]] for node in inside
                            if node.output[0] in by_tensor and by_tensor[node.output[0]].spatial]
-                return spatial[-1] if spatial else _spatial_or_error(inside[-1], by_tensor, model)
+                return spatial[-1] if spatial else _spatial_or_error(inside[-1], by_tensor, view)
     raise OnnxcamError(_unknown_spec_message(spec, candidates))
 
 
@@ -358,10 +335,10 @@ def _nodes_in_scope(nodes, parts: list[str], anchored: bool, loose: bool, with_o
     return found
 
 
-def _nodes_using_parameters_of(model: onnx.ModelProto, nodes, module: str) -> list[onnx.NodeProto]:
+def _nodes_using_parameters_of(view: GraphView, nodes, module: str) -> list[onnx.NodeProto]:
     """Nodes fed by the module's parameters (``_conv_head.weight``): the dynamo exporter folds a Conv
     and its BatchNorm into one node scoped under the BatchNorm, so the Conv's name survives only there."""
-    initializers = {init.name for init in model.graph.initializer}
+    initializers = view.initializers
     return [node for node in nodes if node.output and node.output[0]
             and any(name in initializers and name.rsplit(".", 1)[0] == module for name in node.input)]
 
@@ -406,12 +383,12 @@ def _component_matches(part: str, spellings: set[str], loose: bool) -> bool:
     return False
 
 
-def _spatial_or_error(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model: onnx.ModelProto) -> NodeInfo:
+def _spatial_or_error(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], view: GraphView) -> NodeInfo:
     candidate = by_tensor.get(node.output[0]) if node.output else None
     if candidate is not None and candidate.spatial:
         return candidate
     label = node.name or node.output[0]
-    shape = candidate.shape if candidate is not None else _inferred_types(model).get(node.output[0], (None, None))[1]
+    shape = candidate.shape if candidate is not None else view.static_shape(node.output[0])
     what = f"shape {_format_shape(shape)}" if shape is not None else "a tensor of unknown shape"
     raise OnnxcamError(f"node {label} outputs {what}, which has no spatial axes; pick a convolutional layer "
                        "(see `onnxcam nodes MODEL`)")

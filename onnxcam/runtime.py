@@ -67,11 +67,15 @@ class Runner:
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.on_cuda else "cpu"
+    def on_device(self, array: np.ndarray):
+        """``array`` as a feed that stays on the session's device across runs (an OrtValue on CUDA,
+        the array itself on CPU): bind it once, reuse it for many ``run`` calls."""
+        if not self.on_cuda:
+            return array
+        return import_onnxruntime().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        """The output arrays for ``feeds`` (NumPy arrays, or values from ``on_device``)."""
         try:
             if self.on_cuda:
                 return self._run_bound(feeds)
@@ -79,18 +83,25 @@ class Runner:
         except OnnxcamError:
             raise
         except Exception as exc:
-            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+            shapes = ", ".join(f"{k} {_shape_of(v)}" for k, v in feeds.items())
             raise OnnxcamError(f"the model cannot run on inputs {shapes}: {first_line(exc)}; "
                                "check the input size (--size) and layout (--layout)") from exc
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         binding = self.session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+
+def _shape_of(value) -> tuple:
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
 
 
 def first_line(exc: Exception) -> str:
