@@ -452,14 +452,20 @@ RESIZES = [
     ("linear", "align_corners", None, (1, 1, 3, 4), [1, 1, 2, 3]),
     ("linear", "asymmetric", None, (2, 3, 5), [1, 1, 1.6]),
     ("linear", "half_pixel", None, (1, 1, 2, 3, 2), [1, 1, 2, 1, 1.5]),
+    ("cubic", "half_pixel", None, (1, 2, 5, 6), [1, 1, 1.6, 0.5]),
+    ("cubic", "align_corners", None, (1, 1, 4, 3), [1, 1, 2, 2]),
+    ("cubic", "asymmetric", "exclude_outside", (1, 1, 6, 5), [1, 1, 0.5, 2]),
 ]
 
 
-@pytest.mark.parametrize("mode,transform,nearest,xs,scales", RESIZES, ids=[f"{r[0]}-{r[1]}" for r in RESIZES])
+@pytest.mark.parametrize("mode,transform,nearest,xs,scales", RESIZES,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RESIZES])
 @pytest.mark.parametrize("by_sizes", [False, True])
 def test_resize(mode, transform, nearest, xs, scales, by_sizes):
     attrs = {"mode": mode, "coordinate_transformation_mode": transform}
-    if nearest:
+    if nearest == "exclude_outside":
+        attrs["exclude_outside"] = 1
+    elif nearest:
         attrs["nearest_mode"] = nearest
     if by_sizes:
         sizes = _ints(*[int(np.floor(n * s)) for n, s in zip(xs, scales)])
