@@ -166,7 +166,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
+                          layout=layout or preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
                           input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
@@ -244,7 +245,8 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
         raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
+                          layout=preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
                           input_shape=preprocessing.probe_shape(loaded.input.shape))
     augmented = explainer.augmented_gradient_model()
     data = augmented.proto.SerializeToString()

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import layouts
 from .errors import OnnxcamError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -27,13 +28,17 @@ class Preprocessing:
     color: str = "RGB"
     layout: str = "NCHW"
 
+    def explainer_layout(self, input_rank: int | None) -> str | None:
+        """The layout the Explainer must use with inputs made by this preprocessing: the images' own for
+        a rank-4 (image) model, else None (arrays come in the model's layout, which layouts.py reads)."""
+        return self.layout if input_rank == 4 else None
+
     @classmethod
     def from_metadata(cls, metadata: dict | None, input_shape: tuple | None = None) -> "Preprocessing":
         """Metadata values when present, else what the input shape says (layout, static size)."""
         base = cls()
-        layout = guess_layout(input_shape)
-        if layout:
-            base = replace(base, layout=layout)
+        if input_shape is not None and len(input_shape) == 4:   # images: the one layout guesser decides
+            base = replace(base, layout="NHWC" if layouts.input_layout(input_shape) == layouts.LAST else "NCHW")
         size = static_size(input_shape, base.layout)
         if size:
             base = replace(base, size=size)
@@ -96,18 +101,6 @@ class Preprocessing:
 def _int_pair(value) -> tuple[int, int]:
     values = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-def guess_layout(shape: tuple | None) -> str | None:
-    """NCHW or NHWC from a rank-4 input shape: the axis holding 1, 3 or 4 channels says which."""
-    if shape is None or len(shape) != 4:
-        return None
-    first, last = shape[1], shape[3]
-    if isinstance(first, int) and first in (1, 3, 4):
-        return "NCHW"
-    if isinstance(last, int) and last in (1, 3, 4):
-        return "NHWC"
-    return None
 
 
 def static_size(shape: tuple | None, layout: str) -> tuple[int, int] | None:
