@@ -12,7 +12,7 @@ import onnx
 from . import layouts
 from .cache import cached_model
 from .classifier_head import find_classifier_weights
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
 from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
@@ -181,11 +181,11 @@ class Explainer:
         if shape is not None:
             if x.ndim != len(shape):
                 raise OnnxcamError(f"input has shape {x.shape} but the model takes rank {len(shape)} "
-                                   f"{_shape_text(shape)}; add the batch axis / fix the layout")
+                                   f"{shape_text(shape)}; add the batch axis / fix the layout")
             for axis, (got, want) in enumerate(zip(x.shape, shape)):
                 if axis > 0 and isinstance(want, int) and want > 0 and got != want:
                     raise OnnxcamError(f"input has shape {x.shape} but the model takes "
-                                       f"{_shape_text(shape)}; resize the input (--size) or fix --layout")
+                                       f"{shape_text(shape)}; resize the input (--size) or fix --layout")
         if x.shape[0] == 0:
             raise OnnxcamError("the input batch is empty")
         return x
@@ -318,10 +318,6 @@ class _Batch:
     activations: list[np.ndarray]
     gradients: list[np.ndarray]
     options: dict
-
-
-def _shape_text(shape) -> str:
-    return "(" + ", ".join(str(d) if d else "?" for d in shape) + ")"
 
 
 def explain(model, x, node: str | list[str] = "auto", method: str = "gradcam", targets=None,

@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .graph import GraphView, attribute, view_of
+from .runtime import probe_shapes
 
 DYNAMO_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -67,7 +68,7 @@ def list_candidates(model, probe_input_shapes: dict[str, tuple] | None = None) -
     unknown = [node.output[0] for node in _layer_nodes(model) if _needs_probe(types.get(node.output[0]))]
     if unknown:
         symbolic_batch = _has_symbolic_batch(model)
-        for tensor, (elem_type, shape) in _probe_types(model, unknown, probe_input_shapes).items():
+        for tensor, (elem_type, shape) in probe_shapes(model, unknown, probe_input_shapes).items():
             inferred = types.get(tensor, (None, None))[1]
             if symbolic_batch and inferred is not None and len(inferred) == len(shape) and inferred[0] is None:
                 shape = (None,) + shape[1:]  # the batch stays symbolic, as in the shapes inference knew
@@ -147,78 +148,6 @@ def _needs_probe(known: tuple | None) -> bool:
     if elem_type is None or shape is None:
         return True
     return 3 <= len(shape) <= 5 and any(dim is None for dim in shape[1:])
-
-
-def _probe_types(model: onnx.ModelProto, tensors: list[str],
-                 probe_input_shapes: dict[str, tuple] | None) -> dict[str, tuple]:
-    """Run the model once on zeros with ``tensors`` exposed as outputs and read their real shapes."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise OnnxcamError("layer shapes need one run of the model and onnxruntime is not installed; "
-                           "install it with `pip install onnxcam[cpu]`") from None
-    feeds = _zero_feeds(model, probe_input_shapes or {})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {output.name for output in probe.graph.output}
-    for tensor in tensors:
-        if tensor not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        values = session.run(tensors, feeds)
-    except Exception as error:
-        message = " ".join(str(error).split())
-        if len(message) > 400:  # ORT puts source paths in the middle and the reason at the end
-            message = f"{message[:120]} ... {message[-260:]}"
-        raise OnnxcamError(f"could not run the model on zeros to measure layer shapes: {message}; "
-                           "check the input size given (--size, or Explainer(input_shape=...))") from None
-    result = {}
-    for tensor, value in zip(tensors, values):
-        value = np.asarray(value)
-        elem_type = helper.np_dtype_to_tensor_dtype(value.dtype) if value.dtype.kind in "fiub" else None
-        result[tensor] = (elem_type, tuple(int(dim) for dim in value.shape))
-    return result
-
-
-def _zero_feeds(model: onnx.ModelProto, given: dict[str, tuple]) -> dict[str, np.ndarray]:
-    initializers = {init.name for init in model.graph.initializer}
-    feeds = {}
-    for value_info in model.graph.input:
-        if value_info.name in initializers:
-            continue
-        tensor_type = value_info.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type or TensorProto.FLOAT)
-        shape = given.get(value_info.name)
-        if shape is None:
-            shape = _static_input_shape(value_info)
-        feeds[value_info.name] = np.zeros(tuple(int(dim) for dim in shape), dtype=dtype)
-    return feeds
-
-
-def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
-    """Batch 1 and the static dims; a symbolic dim past the batch axis has no safe default."""
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        raise OnnxcamError(f"input {value_info.name!r} has no declared shape, so layer shapes need one run "
-                           f"at a size you choose; give it, e.g. probe_input_shapes="
-                           f"{{{value_info.name!r}: (1, 3, 224, 224)}} (CLI: --size 224,224)")
-    dims = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
-            for dim in tensor_type.shape.dim]
-    if dims and not isinstance(dims[0], int):
-        dims[0] = 1
-    symbolic = [dim for dim in dims if not isinstance(dim, int)]
-    if symbolic:
-        example = tuple(dim if isinstance(dim, int) else 224 for dim in dims)
-        raise OnnxcamError(f"input {value_info.name!r} has symbolic axes {', '.join(map(str, symbolic))} "
-                           f"(shape {_format_shape(tuple(dims))}), so layer shapes need one run at a size you "
-                           f"choose; give it, e.g. probe_input_shapes={{{value_info.name!r}: {example}}} "
-                           f"(CLI: --size HEIGHT,WIDTH; Python: Explainer(..., input_shape={example}))")
-    return tuple(dims)
 
 
 # ---------------------------------------------------------------- default node
@@ -389,7 +318,7 @@ def _spatial_or_error(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], view
         return candidate
     label = node.name or node.output[0]
     shape = candidate.shape if candidate is not None else view.static_shape(node.output[0])
-    what = f"shape {_format_shape(shape)}" if shape is not None else "a tensor of unknown shape"
+    what = f"shape {shape_text(shape)}" if shape is not None else "a tensor of unknown shape"
     raise OnnxcamError(f"node {label} outputs {what}, which has no spatial axes; pick a convolutional layer "
                        "(see `onnxcam nodes MODEL`)")
 
@@ -415,12 +344,6 @@ def _unknown_spec_message(spec: str, candidates: list[NodeInfo]) -> str:
 # ---------------------------------------------------------------- table
 
 
-def _format_shape(shape: tuple | None) -> str:
-    if shape is None:
-        return "?"
-    return "(" + ", ".join("?" if dim is None else str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
 def _short_tensor(candidate: NodeInfo) -> str:
     """``…_output_0`` / ``…:0`` where the tensor repeats the node name (legacy torch, tf2onnx)."""
     if candidate.name and candidate.tensor.startswith(candidate.name) and candidate.tensor != candidate.name:
@@ -438,7 +361,7 @@ def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
             " " if candidate.spatial else "-")
         rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, _short_tensor(candidate),
-                     _format_shape(candidate.shape), candidate.scope))
+                     shape_text(candidate.shape), candidate.scope))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join(("-" if column else " ") * width for column, width in enumerate(widths)).rstrip())
