@@ -19,7 +19,6 @@ from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Meth
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
-from .preprocess import Preprocessing
 from .runtime import Runner
 from .scorecam import ScoreCam
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,

@@ -24,9 +24,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from .errors import OnnxcamError, shape_text
 from .graph import GraphView, attribute, view_of

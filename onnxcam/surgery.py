@@ -128,7 +128,7 @@ def build_forward_model(model: LoadedModel, activations: list[str],
 
 def build_gradient_augmented_model(model: LoadedModel, activations: list[str], backend: str = "auto",
                                    probabilities: bool = False) -> AugmentedModel:
-    """The ONE model of DESIGN.md: logits, activations and d score / d activations in one run."""
+    """The one augmented model: logits, activations and d score / d activations in one run."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
     logits = find_logits(model.view, probabilities)

@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from ...graph import GraphBuilder, GraphView, attribute, copy_model, is_default_domain, subgraph_inputs
+from ...graph import GraphBuilder, GraphView, copy_model, is_default_domain, subgraph_inputs
 
 PREFIX = "onnxcam_canon/"
 REWRITES: dict[str, Callable] = {}
@@ -70,7 +70,7 @@ class Rewriter:
 
     def const(self, node: onnx.NodeProto, what: str, value, dtype=None) -> str:
         name = self.name(node, what)
-        self.builder.initializers.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        self.builder.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def constant(self, name: str) -> np.ndarray | None:

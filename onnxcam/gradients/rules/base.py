@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from ...graph import FLOAT_TYPES, GraphBuilder, GraphView, Shape, attributes
+from ...graph import FLOAT_TYPES, GraphBuilder, GraphView, Shape, attributes  # noqa: F401 (FLOAT_TYPES for the rules)
 
 
 class Unsupported(Exception):
