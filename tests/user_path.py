@@ -130,3 +130,31 @@ def assert_error(result, message: str) -> None:
     assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
     assert result.stdout == "", result.stdout
     assert result.stderr == f"error: {message}\n", result.stderr
+
+
+# ------------------------------------------------------------------ file permissions, also as root
+
+
+def run_without_privileges(code: str, *args: str, timeout: float = 120):
+    """Run ``python -c code args`` where file permissions apply: as is for a normal user; as root
+    (how CI runs) under ``setpriv`` with every capability dropped, so root's CAP_DAC_OVERRIDE no longer
+    lets it write into a read-only folder. Returns the CompletedProcess; skips where neither works."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parent.parent
+    prefix = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv (util-linux): cannot drop CAP_DAC_OVERRIDE")
+        prefix = [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(prefix + [sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
