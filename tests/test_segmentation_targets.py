@@ -103,7 +103,7 @@ def per_sample_case(model):
 
 @pytest.mark.parametrize("method", MASK_METHODS)
 def test_per_sample_masks_equal_torch(explainer, model, per_sample_case, method):
-    import torch_oracle
+    torch_oracle = pytest.importorskip("torch_oracle")
     x, masks, targets = per_sample_case
     segmenter = _torch_segmenter(model)
     A, G, _ = torch_oracle.activations_and_gradients(MaskedScore(segmenter, masks), segmenter.relu, x, targets)
