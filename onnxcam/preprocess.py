@@ -113,15 +113,24 @@ def static_size(shape: tuple | None, layout: str) -> tuple[int, int] | None:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); a one-line error for a missing or non-image file."""
+    """RGB uint8 (H, W, 3); a one-line error for a missing or non-image file.
+
+    Grayscale images give three equal channels; an alpha channel is dropped (as PIL's
+    ``convert("RGB")`` does); 16-bit images are scaled to 8 bits with rounding (v * 255 / 65535), the
+    same for every format (OpenCV's own 8-bit decoding truncates PNGs but rounds TIFFs)."""
     path = Path(path)
     if not path.exists():
         raise OnnxcamError(f"input {path} does not exist; check the path")
     if path.is_dir():
         raise OnnxcamError(f"input {path} is a directory; pass image files")
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise OnnxcamError(f"input {path} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); "
                            "pass an image file, or a .npy array for non-image models")
+    if image.dtype == np.uint16:
+        image = np.rint(image / 257.0).astype(np.uint8)        # 65535 / 255 = 257
+    elif image.dtype != np.uint8:
+        raise OnnxcamError(f"input {path} has {image.dtype} pixels; onnxcam reads 8- and 16-bit images, "
+                           "so convert it (or pass a .npy array already preprocessed)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -182,3 +182,38 @@ def test_old_opset_is_refused_with_a_clear_error(tiny):
     proto.opset_import[0].version = 10
     with pytest.raises(OnnxcamError, match="opset 11"):
         build_scorecam_model(load_model(proto), layouts.FIRST)
+
+
+# ---- against the torch oracle (torch interpolation, torch forward passes, torch softmax), which shares
+# no code with onnxcam; activations with negative values and a non-zero minimum, so a mask that skips
+# the min-subtraction or the normalisation shows
+
+
+def _signed_activations(rng, n, c, spatial):
+    A = rng.normal(size=(n, c, *spatial)) * rng.uniform(0.1, 5, size=(n, c) + (1,) * len(spatial)) - 2.0
+    A = A.astype(np.float32)
+    A[0, 1] = -0.75            # a constant negative channel: the all-zero mask
+    A[1, 3] = A[1, 0]          # an exact duplicate
+    return A
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (3, 5)], ids=["same-size", "upsampled"])
+@pytest.mark.parametrize("max_channels", [None, 4])
+def test_weights_equal_torch_oracle_on_signed_activations(spatial, max_channels):
+    torch_oracle = pytest.importorskip("torch_oracle")
+    proto = tiny_classifier(channels=6, classes=5, size=8)
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    A = _signed_activations(rng, 2, 6, spatial)
+    targets = np.array([3, 1])
+    got = ScoreCamScorer(load_model(proto), layouts.FIRST, provider="cpu").weights(
+        A, x, targets, batch_size=4, max_channels=max_channels)
+    net = torch_oracle.tiny_classifier_torch(proto)
+    if max_channels is None:
+        expected = torch_oracle.scorecam_weights(net, A, x, targets)
+    else:   # Faster Score-CAM = Score-CAM on the kept (highest spatial variance) channels alone
+        expected = np.zeros_like(got)
+        for n in range(2):
+            kept = np.sort(np.argsort(-A[n].reshape(6, -1).var(axis=1))[:max_channels])
+            expected[n, kept] = torch_oracle.scorecam_weights(net, A[n:n + 1, kept], x[n:n + 1], targets[n:n + 1])[0]
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
