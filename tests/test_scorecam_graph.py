@@ -206,7 +206,7 @@ def test_weights_equal_torch_oracle_on_signed_activations(spatial, max_channels)
     x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
     A = _signed_activations(rng, 2, 6, spatial)
     targets = np.array([3, 1])
-    got = ScoreCamScorer(load_model(proto), layouts.FIRST, provider="cpu").weights(
+    got = InGraphScorer(load_model(proto), layouts.FIRST, provider="cpu").weights(
         A, x, targets, batch_size=4, max_channels=max_channels)
     net = torch_oracle.tiny_classifier_torch(proto)
     if max_channels is None:
