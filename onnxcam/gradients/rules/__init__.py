@@ -20,4 +20,4 @@ def rule(*op_types: str):
     return register
 
 
-from . import elementwise, linear, normalization, pooling, resize, shaping  # noqa: E402,F401
+from . import elementwise, linear, normalization, pooling, recurrent, resize, shaping  # noqa: E402,F401
