@@ -42,7 +42,8 @@ def test_api_message_names_the_op_once_and_sends_nowhere_circular():
     assert str(error.value) == EXPECTED
     assert "--grad-backend portable" not in str(error.value)
     # a node after the op: both backends' problem is gone, and auto differentiates it
-    assert explainer.__class__(softsign_classifier(), "/features/softsign", cache=False).explain(x).maps.shape == (2, 8, 8)
+    after = Explainer(softsign_classifier(), "/features/softsign", cache=False)
+    assert after.explain(x).maps.shape == (2, 8, 8)
 
 
 def test_cli_prints_the_same_single_line(tmp_path):

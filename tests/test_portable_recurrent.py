@@ -10,6 +10,7 @@ within 1e-5 relative.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper as h
 
@@ -146,12 +147,27 @@ def test_other_variants_are_refused_with_the_reason(op, attrs, why):
         portable.build(model, "score", ["x"])
 
 
-def test_symbolic_sequence_length_is_refused():
-    nodes, inputs, consts, _ = recurrent_case("GRU")
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_symbolic_sequence_length_and_batch(op):
+    """The Scans run over whatever length the input has: one model, two lengths."""
+    nodes, inputs, consts, wrt = recurrent_case(op, "bidirectional", True, attrs={"linear_before_reset": 1}
+                                                if op == "GRU" else None)
     model = graph_model(nodes, inputs, consts, opset=14)
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "time"
-    problems = portable.unsupported_ops(model, "score", ["x"])
-    assert len(problems) == 1 and "static sequence length" in problems[0], problems
+    x_dims = model.graph.input[0].type.tensor_type.shape.dim
+    x_dims[0].dim_param, x_dims[1].dim_param = "time", "batch"
+    del model.graph.value_info[:]
+    for output in model.graph.output[:-1]:
+        for k, dim in enumerate(output.type.tensor_type.shape.dim):
+            dim.dim_param = f"{output.name}_{k}"
+    for length in (T, T + 2):
+        x = rand(length, N, I, seed=7, dtype=F32)
+        feeds = {**inputs, "x": x}
+        model.graph.initializer[-1].CopyFrom(onnx.numpy_helper.from_array(  # R of the score, resized
+            rand(*session(graph_model(nodes, feeds, consts, opset=14, score_of=None)).run(["y"], feeds)[0].shape,
+                 seed=8), "onnxcam_test_R"))
+        for name, g in zip(wrt, gradients(model, feeds, wrt)):
+            fd = finite_differences(model, feeds, name, 1e-3)
+            np.testing.assert_allclose(g, fd, rtol=1e-2, atol=3e-3 * max(1.0, np.abs(fd).max()), err_msg=name)
 
 
 def test_gradient_reaches_a_tensor_before_the_layer():

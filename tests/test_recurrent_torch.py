@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from onnxcam import METHODS, Explainer  # noqa: E402
+from onnxcam import Explainer  # noqa: E402
 from onnxcam.gradients import gradient_name, portable  # noqa: E402
 import torch_oracle  # noqa: E402
 from gradient_checks import session  # noqa: E402

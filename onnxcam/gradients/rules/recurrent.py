@@ -1,10 +1,12 @@
-"""Rules for the recurrent layers LSTM, GRU and RNN: the recurrence unrolled over a static length.
+"""Rules for the recurrent layers LSTM, GRU and RNN: two ONNX Scans per direction.
 
-The backward graph recomputes the forward pass step by step (the node's own outputs do not hold the
-cell states or gate values the derivative needs), then runs back through the steps in reverse order of
-processing, in plain ONNX ops at the model's opset (Gather, MatMul, Sigmoid, Tanh, Mul, Concat, ...).
-``_unroll`` holds what the three ops share: directions, layouts, initial states, ``sequence_lens``
-masking and the gradient sources Y, Y_h and Y_c; a small cell class per op holds the gate maths.
+The node's own outputs do not hold the cell states or gate values the derivative needs, so a first Scan
+recomputes the forward pass and stacks, per step, what the derivative reads; a second Scan runs back
+through time in the opposite direction and stacks the gate pre-activation gradients, which one MatMul
+with W turns into d/dX for every step at once. Both are plain ONNX (Scan, MatMul, Sigmoid, Tanh, Mul,
+...) at the model's opset, and their size does not grow with the sequence length, which may be symbolic.
+``_recur`` holds what the three ops share (directions, layouts, initial states, ``sequence_lens``
+masking, the gradient sources Y, Y_h and Y_c); a small cell class per op holds the gate maths.
 
 Only the defaults are differentiated: activations (LSTM Sigmoid/Tanh/Tanh, GRU Sigmoid/Tanh,
 RNN Tanh), no clip, no input_forget, no peepholes. W, R and B are constants of the explanation.
@@ -12,7 +14,7 @@ RNN Tanh), no clip, no input_forget, no peepholes. W, R and B are constants of t
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from . import rule
 from .base import Emitter, Unsupported, node_attrs
@@ -63,7 +65,7 @@ class _Ops:
 
 class _LSTMCell:
     """Gates i, o, f, c (ONNX order): c' = f*c + i*g, h' = o*tanh(c')."""
-    gates, has_cell = 4, True
+    gates, has_cell, saved = 4, True, ("i", "o", "f", "g", "tc", "c")
 
     def __init__(self, node):
         pass
@@ -89,7 +91,7 @@ class _LSTMCell:
 class _GRUCell:
     """Gates z, r, h (ONNX order): h' = (1-z)*n + z*h, with n = tanh(xWn + (r*h)Rn + Rbn) or, with
     linear_before_reset, n = tanh(xWn + r*(hRn + Rbn))."""
-    gates, has_cell = 3, False
+    gates, has_cell, saved = 3, False, ("z", "r", "n", "h", "q")
 
     def __init__(self, node):
         self.lbr = node_attrs(node).get("linear_before_reset", 0)
@@ -134,7 +136,7 @@ class _GRUCell:
 
 class _RNNCell:
     """h' = tanh(xW + hR + Wb + Rb)."""
-    gates, has_cell = 1, False
+    gates, has_cell, saved = 1, False, ("h_new",)
 
     def __init__(self, node):
         pass
@@ -162,7 +164,31 @@ def _check_attributes(node, op: str, n_dirs: int) -> None:
         raise Unsupported("input_forget=1 (coupled input and forget gates) is not differentiated")
 
 
-def _unroll(e: Emitter, node, gy, need, cell) -> list:
+def _scan(e: Emitter, like: str, step, states: list[str], scanned: list[tuple[str, int]], n_out: int,
+          reverse: bool) -> tuple[list[str], list[str]]:
+    """One ONNX Scan over time: ``step(o, state_names, step_names) -> (new_states, step_outputs)`` writes
+    the body; ``scanned`` pairs each sequence with its time axis. Step outputs are stacked on axis 0 in
+    time order whatever the direction. Returns (final states, stacked step outputs)."""
+    body = e.body()
+    state_in = [body.fresh("state") for _ in states]
+    step_in = [body.fresh("step") for _ in scanned]
+    new_states, outs = step(_Ops(body, like), state_in, step_in)
+    results = [body.op("Identity", [t]) for t in new_states + outs]   # body outputs are fresh tensors
+    elem = e.dtype(like)
+    graph = helper.make_graph(body.nodes, body.fresh("body"),
+                              [helper.make_tensor_value_info(n, elem, None) for n in state_in + step_in],
+                              [helper.make_tensor_value_info(n, elem, None) for n in results])
+    direction = int(reverse)
+    out = e.op("Scan", states + [t for t, _ in scanned], n_out=len(states) + n_out, body=graph,
+               num_scan_inputs=len(scanned), scan_input_axes=[axis for _, axis in scanned],
+               scan_input_directions=[direction] * len(scanned), scan_output_directions=[direction] * n_out)
+    out = [out] if isinstance(out, str) else out
+    return out[:len(states)], out[len(states):]
+
+
+def _recur(e: Emitter, node, gy, need, cell) -> list:
+    """Forward Scan (recomputing the gates, saving what the derivative reads), then a Scan back through
+    time in the opposite direction; per direction, then summed (dX) or stacked (initial states)."""
     op = node.op_type
     a = node_attrs(node)
     direction = a.get("direction", "forward")
@@ -175,17 +201,13 @@ def _unroll(e: Emitter, node, gy, need, cell) -> list:
     layout = a.get("layout", 0)
     if layout not in (0, 1):
         raise Unsupported(f"layout {layout}")
-    inputs = list(node.input) + [""] * (8 - len(node.input))
-    X, W, R, B, seq_lens, h_init, c_init, P = inputs
+    X, W, R, B, seq_lens, h_init, c_init, P = list(node.input) + [""] * (8 - len(node.input))
     if P and not (e.value(P) is not None and not np.any(e.value(P))):
         raise Unsupported("peephole weights P are not differentiated")
-    steps = (e.shape(X) or [None, None])[layout]
-    if not isinstance(steps, int):
-        raise Unsupported("needs a static sequence length (the time axis of the input is symbolic)")
     H = a.get("hidden_size") or e.static_dims(R, [2])[0]
-    G = cell.gates
+    G, has_cell = cell.gates, cell.has_cell
     o = _Ops(e, X)
-    # state tensors are [N, H]; per-step and per-direction slices come off axis `layout` of X, Y, Y_h
+    # states are [N, H]; X, Y_h and the initial states carry time or direction on axis `layout`
     batch = e.op("Slice", [e.shape_of(X), e.ints([1 - layout]), e.ints([2 - layout]), e.ints([0])])
     zeros = e.op("ConstantOfShape", [e.op("Concat", [batch, e.ints([H])], axis=0)],
                  value=numpy_helper.from_array(np.zeros(1, e.np_dtype(X)), ""))
@@ -193,13 +215,16 @@ def _unroll(e: Emitter, node, gy, need, cell) -> list:
     def pick(t, i, axis=layout):
         return e.op("Gather", [t, e.const(np.array(i, np.int64))], axis=axis)
 
-    masks = None
+    masks = []   # [T, N, 1]: 1 on the steps of each sequence, 0 on its padding
     if seq_lens:
-        lens = e.op("Cast", [seq_lens], to=TensorProto.INT64)
-        masks = [e.unsqueeze(e.op("Cast", [e.op("Less", [e.const(np.array(t, np.int64)), lens])],
-                                  to=e.dtype(X)), [1]) for t in range(steps)]
+        steps = e.op("Gather", [e.shape_of(X), e.const(np.array(layout, np.int64))])
+        times = e.op("Range", [e.const(np.array(0, np.int64)), steps, e.const(np.array(1, np.int64))])
+        lengths = e.unsqueeze(e.op("Cast", [seq_lens], to=TensorProto.INT64), [0])
+        inside = e.op("Less", [e.unsqueeze(times, [1]), lengths])
+        masks = [(e.unsqueeze(e.op("Cast", [inside], to=e.dtype(X)), [2]), 0)]
     g_y, g_yh = gy[0], gy[1] if len(gy) > 1 else None
     g_yc = gy[2] if len(gy) > 2 else None
+    keys = cell.saved
     gx, gh0s, gc0s = None, [], []
     for d, backwards in enumerate(directions):
         w = {"H": H, "R": pick(R, d, 0)}
@@ -211,49 +236,57 @@ def _unroll(e: Emitter, node, gy, need, cell) -> list:
             B_d = pick(B, d, 0)
             xw = o.add(xw, e.op("Slice", [B_d, e.ints([0]), e.ints([G * H]), e.ints([0])]))
             w["Rb"] = e.op("Slice", [B_d, e.ints([G * H]), e.ints([2 * G * H]), e.ints([0])])
-        h = pick(h_init, d) if h_init else zeros
-        c = (pick(c_init, d) if c_init else zeros) if cell.has_cell else None
-        order = list(range(steps))[::-1] if backwards else list(range(steps))
-        saved = {}
-        for t in order:
-            h_new, c_new, saved[t] = cell.forward(o, w, pick(xw, t), h, c)
-            if masks is None:
-                h, c = h_new, c_new
-            else:   # padding steps keep the state
-                h = o.add(h, o.mul(masks[t], o.sub(h_new, h)))
-                c = o.add(c, o.mul(masks[t], o.sub(c_new, c))) if cell.has_cell else None
-        gh = pick(g_yh, d) if g_yh else zeros
-        gc = (pick(g_yc, d) if g_yc else zeros) if cell.has_cell else None
-        d_pre = {}
-        for t in reversed(order):
-            g_new = o.add(gh, pick(pick(g_y, t), d)) if g_y else gh
+        start = [pick(h_init, d) if h_init else zeros] + ([pick(c_init, d) if c_init else zeros] if has_cell else [])
+
+        def forward(s, state, step):
+            h, c = state[0], state[1] if has_cell else None
+            h_new, c_new, saved = cell.forward(s, w, step[0], h, c)
+            if masks:   # padding steps keep the state
+                m = step[1]
+                h_new = s.add(h, s.mul(m, s.sub(h_new, h)))
+                c_new = s.add(c, s.mul(m, s.sub(c_new, c))) if has_cell else None
+            return [h_new] + ([c_new] if has_cell else []), [saved[k] for k in keys]
+
+        _, stacked = _scan(e, X, forward, start, [(xw, layout)] + masks, len(keys), backwards)
+        seeds = [pick(g_yh, d) if g_yh else zeros] + ([pick(g_yc, d) if g_yc else zeros] if has_cell else [])
+        sources = [(pick(g_y, d, 1 + layout), layout)] if g_y else []
+
+        def backward(s, state, step):
+            gh, gc = state[0], state[1] if has_cell else None
+            saved = dict(zip(keys, step))
+            rest = step[len(keys):]
+            g_new = s.add(gh, rest.pop(0)) if g_y else gh
             gc_new = gc
-            if masks is not None:   # Y is zero and the state is held on padding steps
-                keep = o.one_minus(masks[t])
-                g_new, held = o.mul(masks[t], g_new), o.mul(keep, gh)
-                if cell.has_cell:
-                    gc_new, held_c = o.mul(masks[t], gc), o.mul(keep, gc)
-            d_pre[t], gh, gc = cell.backward(o, w, saved[t], g_new, gc_new)
-            if masks is not None:
-                gh = o.add(gh, held)
-                gc = o.add(gc, held_c) if cell.has_cell else None
-        gh0s.append(gh)
-        gc0s.append(gc)
-        if need[0]:
-            stacked = o.concat([e.unsqueeze(d_pre[t], [layout]) for t in range(steps)], axis=layout)
-            gx = o.add(gx, o.matmul(stacked, W_d))
+            if masks:   # Y is zero and the state is held on padding steps
+                m = rest[0]
+                keep = s.one_minus(m)
+                g_new, held = s.mul(m, g_new), s.mul(keep, gh)
+                gc_new = s.mul(m, gc) if has_cell else None
+            d_pre, gh, gc = cell.backward(s, w, saved, g_new, gc_new)
+            if masks:
+                gh = s.add(gh, held)
+                gc = s.add(gc, s.mul(keep, state[1])) if has_cell else None
+            return [gh] + ([gc] if has_cell else []), [d_pre]
+
+        finals, (d_pre,) = _scan(e, X, backward, seeds, [(t, 0) for t in stacked] + sources + masks, 1,
+                                 not backwards)
+        gh0s.append(finals[0])
+        gc0s.append(finals[1] if has_cell else None)
+        if need[0]:   # d_pre is [T, N, G*H]
+            gxd = o.matmul(d_pre, W_d)
+            gx = o.add(gx, e.op("Transpose", [gxd], perm=[1, 0, 2]) if layout else gxd)
 
     def stack(parts):
         return o.concat([e.unsqueeze(p, [layout]) for p in parts], axis=layout)
 
     out = [gx, None, None, None, None, stack(gh0s) if need[5:6] == [True] else None,
-           stack(gc0s) if cell.has_cell and need[6:7] == [True] else None, None]
+           stack(gc0s) if has_cell and need[6:7] == [True] else None, None]
     return out[:len(node.input)]
 
 
 @rule("LSTM")
 def lstm(e: Emitter, node, gy, need):
-    return _unroll(e, node, gy, need, _LSTMCell(node))
+    return _recur(e, node, gy, need, _LSTMCell(node))
 
 
 @rule("GRU")
@@ -261,9 +294,9 @@ def gru(e: Emitter, node, gy, need):
     lbr = node_attrs(node).get("linear_before_reset", 0)
     if lbr not in (0, 1):
         raise Unsupported(f"linear_before_reset={lbr}")
-    return _unroll(e, node, gy, need, _GRUCell(node))
+    return _recur(e, node, gy, need, _GRUCell(node))
 
 
 @rule("RNN")
 def rnn(e: Emitter, node, gy, need):
-    return _unroll(e, node, gy, need, _RNNCell(node))
+    return _recur(e, node, gy, need, _RNNCell(node))
