@@ -34,8 +34,9 @@ class ConvRecurrent(nn.Module):
 
     def forward(self, x):
         seq, _ = self.recurrent(self.features(x).transpose(1, 2))   # (N, L, D*H)
-        pooled = seq.mean(1) if self.pooling == "mean" else seq[:, -1]
-        return self.fc(pooled)
+        if self.pooling == "time-major":   # per-step logits, (L, N, K) as sequence taggers emit them
+            return self.fc(seq).transpose(0, 1)
+        return self.fc(seq.mean(1) if self.pooling == "mean" else seq[:, -1])
 
 
 NETS = {
@@ -46,9 +47,13 @@ NETS = {
 }
 
 
+# outputs the Explainer does not read yet (issue 9's output-shape work): raw gradients only
+RAW_ONLY = {"lstm-time-major-output": dict(kind="lstm", bidirectional=True, pooling="time-major")}
+
+
 def _net(name):
     torch.manual_seed(len(name))
-    return ConvRecurrent(**NETS[name]).eval()
+    return ConvRecurrent(**{**NETS, **RAW_ONLY}[name]).eval()
 
 
 def _input(batch=3, length=12, seed=0):
@@ -97,9 +102,10 @@ def test_auto_backend_uses_the_portable_rules(exported):
     assert explainer.gradient_backend_used == "portable"
 
 
-@pytest.mark.parametrize("name", ["lstm-bidirectional-2-layers", "gru-bidirectional"])
+@pytest.mark.parametrize("name", list(NETS) + list(RAW_ONLY))
 def test_gradient_at_the_feature_map_equals_autograd(name, tmp_path):
-    """The raw d logit / d feature map, before any CAM maths: relative error against autograd."""
+    """The raw d sum(logits) / d feature map, before any CAM maths, against autograd (measured: at most
+    2.7e-7 of the largest gradient)."""
     net, x = _net(name), _input(batch=2, seed=1)
     model = onnx.load(str(export_legacy(net, torch.from_numpy(x[:1]), tmp_path / "net.onnx")))
     feature = next(n.output[0] for n in model.graph.node if n.name == "/features/features.3/Relu")
@@ -107,11 +113,10 @@ def test_gradient_at_the_feature_map_equals_autograd(name, tmp_path):
     built = portable.build(model, "score", [feature])
     onnx.checker.check_model(built, full_check=True)
     ours = session(built).run([gradient_name(feature)], {"input": x})[0]
-    xt = torch.from_numpy(x)
-    features = net.features(xt).detach().requires_grad_(True)
+    features = net.features(torch.from_numpy(x)).detach().requires_grad_(True)
     seq, _ = net.recurrent(features.transpose(1, 2))
-    logits = net.fc(seq.mean(1) if net.pooling == "mean" else seq[:, -1])
-    logits.sum().backward()
+    pooled = {"mean": lambda: seq.mean(1), "last": lambda: seq[:, -1], "time-major": lambda: seq}[net.pooling]()
+    net.fc(pooled).sum().backward()
     reference = features.grad.numpy()
     assert np.abs(reference).max() > 0
-    assert np.abs(ours - reference).max() / np.abs(reference).max() <= 1e-5
+    assert np.abs(ours - reference).max() / np.abs(reference).max() <= 3e-6
