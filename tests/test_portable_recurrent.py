@@ -125,10 +125,12 @@ def test_batch_major_layout_and_no_bias(op):
     assert np.all(ours[0][0, 1:] == 0)  # batch 0 has length 1
 
 
-def test_opset_11_and_explicit_default_activations():
-    nodes, inputs, consts, wrt = recurrent_case("LSTM", "bidirectional", attrs={
-        "activations": ["Sigmoid", "Tanh", "Tanh"] * 2})
-    assert_gradients_match(nodes, inputs, consts, wrt=tuple(wrt), opset=11)
+@pytest.mark.parametrize("opset", [11, 18])   # Split changes at 13 and 18
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_opsets_and_explicit_default_activations(op, opset):
+    attrs = {"activations": ["Sigmoid", "Tanh", "Tanh"][:GATES[op] - 1 if op == "GRU" else 3] * 2}
+    nodes, inputs, consts, wrt = recurrent_case(op, "bidirectional", True, [2, 3], attrs=attrs)
+    assert_gradients_match(nodes, inputs, consts, wrt=tuple(wrt), opset=opset)
 
 
 @pytest.mark.parametrize("op,attrs,why", [

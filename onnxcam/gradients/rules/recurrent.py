@@ -23,7 +23,8 @@ DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "
 
 
 class _Ops:
-    """Small helpers over the emitter for [N, H] step tensors of one float type."""
+    """Small helpers over an emitter (the main graph's or a Scan body's) for tensors of one float type;
+    the element-wise ones work alike on one step [N, k] and on stacked steps [T, N, k]."""
 
     def __init__(self, e: Emitter, like: str):
         self.e, self.like = e, like
@@ -52,102 +53,114 @@ class _Ops:
     def matmul(self, a, b):
         return self.e.op("MatMul", [a, b])
 
-    def cols(self, x, start, stop):
-        """x[:, start:stop] of a 2-D tensor."""
-        return self.e.op("Slice", [x, self.e.ints([start]), self.e.ints([stop]), self.e.ints([1])])
+    def last(self, x, start, stop, axis=-1):
+        """x[..., start:stop] (or along ``axis``)."""
+        return self.e.op("Slice", [x, self.e.ints([start]), self.e.ints([stop]), self.e.ints([axis])])
 
-    def rows(self, x, start, stop):
-        return self.e.op("Slice", [x, self.e.ints([start]), self.e.ints([stop]), self.e.ints([0])])
+    def split(self, x, n):
+        """n equal parts of the last axis."""
+        return self.e.op("Split", [x], n_out=n, axis=-1, num_outputs=n if self.e.opset >= 18 else None)
 
-    def concat(self, xs, axis=1):
+    def concat(self, xs, axis=-1):
         return xs[0] if len(xs) == 1 else self.e.op("Concat", list(xs), axis=axis)
 
 
+# Each cell: ``prepare`` (outside the Scans: per-step input terms with the biases folded in, weight
+# slices), ``forward`` (one step, in the forward Scan; returns the values to keep), ``factors`` (on all
+# kept steps at once: every derivative factor that does not depend on the incoming gradient) and
+# ``backward`` (one step back: gate pre-activation gradient, d h_prev, d c_prev), kept to a few ops
+# because it runs once per step.
+
 class _LSTMCell:
     """Gates i, o, f, c (ONNX order): c' = f*c + i*g, h' = o*tanh(c')."""
-    gates, has_cell, saved = 4, True, ("i", "o", "f", "g", "tc", "c")
+    gates, has_cell, kept, factor_keys = 4, True, ("i", "o", "f", "g", "tc", "c"), ("A", "F", "f")
 
-    def __init__(self, node):
-        pass
+    def prepare(self, o: _Ops, w, xw, bias):
+        return [o.add(xw, o.add(bias[0], bias[1])) if bias else xw]
 
-    def forward(self, o: _Ops, w, xw, h, c):
-        pre = o.add(xw, o.matmul(h, w["Rt"]))
-        pre = o.add(pre, w["Rb"]) if w["Rb"] else pre
-        H = w["H"]
-        i, out, f = (o.e.op("Sigmoid", [o.cols(pre, k * H, (k + 1) * H)]) for k in range(3))
-        g = o.e.op("Tanh", [o.cols(pre, 3 * H, 4 * H)])
+    def forward(self, o: _Ops, w, step, h, c):
+        pre = o.split(o.add(step[0], o.matmul(h, w["Rt"])), 4)
+        i, out, f = (o.e.op("Sigmoid", [p]) for p in pre[:3])
+        g = o.e.op("Tanh", [pre[3]])
         c_new = o.add(o.mul(f, c), o.mul(i, g))
         tc = o.e.op("Tanh", [c_new])
         return o.mul(out, tc), c_new, dict(i=i, o=out, f=f, g=g, tc=tc, c=c)
 
-    def backward(self, o: _Ops, w, s, gh, gc):
-        d_out = o.mul(gh, s["tc"])
-        dc = o.add(gc, o.mul(gh, s["o"], o.dtanh(s["tc"])))
-        d_pre = o.concat([o.mul(dc, s["g"], o.dsigmoid(s["i"])), o.mul(d_out, o.dsigmoid(s["o"])),
-                          o.mul(dc, s["c"], o.dsigmoid(s["f"])), o.mul(dc, s["i"], o.dtanh(s["g"]))])
-        return d_pre, o.matmul(d_pre, w["R"]), o.mul(dc, s["f"])
+    def factors(self, o: _Ops, w, s):
+        F = o.concat([o.mul(s["g"], o.dsigmoid(s["i"])), o.mul(s["tc"], o.dsigmoid(s["o"])),
+                      o.mul(s["c"], o.dsigmoid(s["f"])), o.mul(s["i"], o.dtanh(s["g"]))])
+        return dict(A=o.mul(s["o"], o.dtanh(s["tc"])), F=F, f=s["f"])
+
+    def backward(self, o: _Ops, w, k, gh, gc):
+        dc = o.add(gc, o.mul(gh, k["A"]))
+        d_pre = o.mul(o.concat([dc, gh, dc, dc]), k["F"])
+        return d_pre, o.matmul(d_pre, w["R"]), o.mul(dc, k["f"])
 
 
 class _GRUCell:
     """Gates z, r, h (ONNX order): h' = (1-z)*n + z*h, with n = tanh(xWn + (r*h)Rn + Rbn) or, with
     linear_before_reset, n = tanh(xWn + r*(hRn + Rbn))."""
-    gates, has_cell, saved = 3, False, ("z", "r", "n", "h", "q")
+    gates, has_cell, kept = 3, False, ("z", "r", "n", "h", "q")
 
-    def __init__(self, node):
-        self.lbr = node_attrs(node).get("linear_before_reset", 0)
+    def __init__(self, linear_before_reset: int):
+        self.lbr = linear_before_reset
+        self.factor_keys = ("G", "Gr", "z") if self.lbr else ("Fn", "Fz", "Fr", "z", "r")
 
-    def forward(self, o: _Ops, w, xw, h, c):
+    def prepare(self, o: _Ops, w, xw, bias):
         H = w["H"]
-        Rt_zr, Rt_n = o.cols(w["Rt"], 0, 2 * H), o.cols(w["Rt"], 2 * H, 3 * H)
-        Rb = w["Rb"]
-        hr = o.matmul(h, Rt_zr)
-        if Rb:
-            hr = o.add(hr, o.e.op("Slice", [Rb, o.e.ints([0]), o.e.ints([2 * H]), o.e.ints([0])]))
-            Rb_n = o.e.op("Slice", [Rb, o.e.ints([2 * H]), o.e.ints([3 * H]), o.e.ints([0])])
-        zr = o.e.op("Sigmoid", [o.add(o.cols(xw, 0, 2 * H), hr)])
-        z, r = o.cols(zr, 0, H), o.cols(zr, H, 2 * H)
-        if self.lbr:
-            q = o.matmul(h, Rt_n)
-            q = o.add(q, Rb_n) if Rb else q
-            n = o.e.op("Tanh", [o.add(o.cols(xw, 2 * H, 3 * H), o.mul(r, q))])
-        else:
-            q = o.matmul(o.mul(r, h), Rt_n)
-            q = o.add(q, Rb_n) if Rb else q
-            n = o.e.op("Tanh", [o.add(o.cols(xw, 2 * H, 3 * H), q)])
-        h_new = o.add(o.mul(o.one_minus(z), n), o.mul(z, h))
-        return h_new, None, dict(z=z, r=r, n=n, h=h, q=q)
+        w["Rt_zr"], w["Rt_n"] = o.last(w["Rt"], 0, 2 * H), o.last(w["Rt"], 2 * H, 3 * H)
+        w["R_zr"], w["R_n"] = o.last(w["R"], 0, 2 * H, 0), o.last(w["R"], 2 * H, 3 * H, 0)
+        w["Rb_n"] = o.last(bias[1], 2 * H, 3 * H) if bias else None
+        xw_zr, xw_n = o.last(xw, 0, 2 * H), o.last(xw, 2 * H, 3 * H)
+        if bias:
+            xw_zr = o.add(xw_zr, o.last(o.add(bias[0], bias[1]), 0, 2 * H))
+            xw_n = o.add(xw_n, o.last(bias[0], 2 * H, 3 * H))
+        return [xw_zr, xw_n]
 
-    def backward(self, o: _Ops, w, s, gh, gc):
-        H = w["H"]
-        R_zr, R_n = o.rows(w["R"], 0, 2 * H), o.rows(w["R"], 2 * H, 3 * H)
-        d_n = o.mul(gh, o.one_minus(s["z"]), o.dtanh(s["n"]))
-        dz = o.mul(gh, o.sub(s["h"], s["n"]), o.dsigmoid(s["z"]))
-        dh = o.mul(gh, s["z"])
+    def forward(self, o: _Ops, w, step, h, c):
+        z, r = o.split(o.e.op("Sigmoid", [o.add(step[0], o.matmul(h, w["Rt_zr"]))]), 2)
+        q = o.matmul(h if self.lbr else o.mul(r, h), w["Rt_n"])
+        q = o.add(q, w["Rb_n"]) if w["Rb_n"] else q
+        n = o.e.op("Tanh", [o.add(step[1], o.mul(r, q) if self.lbr else q)])
+        return o.add(n, o.mul(z, o.sub(h, n))), None, dict(z=z, r=r, n=n, h=h, q=q)
+
+    def factors(self, o: _Ops, w, s):
+        Fn = o.mul(o.one_minus(s["z"]), o.dtanh(s["n"]))          # d h' / d n-pre-activation
+        Fz = o.mul(o.sub(s["h"], s["n"]), o.dsigmoid(s["z"]))     # d h' / d z-pre-activation
+        Fr = o.mul(s["q"] if self.lbr else s["h"], o.dsigmoid(s["r"]))
+        if not self.lbr:
+            return dict(Fn=Fn, Fz=Fz, Fr=Fr, z=s["z"], r=s["r"])
+        FnFr = o.mul(Fn, Fr)   # gate gradients are gh * G; what R sees is gh * Gr (n's part times r)
+        return dict(G=o.concat([Fz, FnFr, Fn]), Gr=o.concat([Fz, FnFr, o.mul(Fn, s["r"])]), z=s["z"])
+
+    def backward(self, o: _Ops, w, k, gh, gc):
         if self.lbr:
-            dr = o.mul(d_n, s["q"])
-            dh = o.add(dh, o.matmul(o.mul(d_n, s["r"]), R_n))
-        else:
-            drh = o.matmul(d_n, R_n)
-            dr = o.mul(drh, s["h"])
-            dh = o.add(dh, o.mul(drh, s["r"]))
-        d_zr = o.concat([dz, o.mul(dr, o.dsigmoid(s["r"]))])
-        return o.concat([d_zr, d_n]), o.add(dh, o.matmul(d_zr, R_zr)), None
+            g3 = o.concat([gh, gh, gh])
+            dh = o.add(o.mul(gh, k["z"]), o.matmul(o.mul(g3, k["Gr"]), w["R"]))
+            return o.mul(g3, k["G"]), dh, None
+        d_n = o.mul(gh, k["Fn"])
+        drh = o.matmul(d_n, w["R_n"])                               # d / d (r*h)
+        d_zr = o.concat([o.mul(gh, k["Fz"]), o.mul(drh, k["Fr"])])
+        dh = o.add(o.add(o.mul(gh, k["z"]), o.mul(drh, k["r"])), o.matmul(d_zr, w["R_zr"]))
+        return o.concat([d_zr, d_n]), dh, None
 
 
 class _RNNCell:
     """h' = tanh(xW + hR + Wb + Rb)."""
-    gates, has_cell, saved = 1, False, ("h_new",)
+    gates, has_cell, kept, factor_keys = 1, False, ("h_new",), ("F",)
 
-    def __init__(self, node):
-        pass
+    def prepare(self, o: _Ops, w, xw, bias):
+        return [o.add(xw, o.add(bias[0], bias[1])) if bias else xw]
 
-    def forward(self, o: _Ops, w, xw, h, c):
-        pre = o.add(xw, o.matmul(h, w["Rt"]))
-        h_new = o.e.op("Tanh", [o.add(pre, w["Rb"]) if w["Rb"] else pre])
+    def forward(self, o: _Ops, w, step, h, c):
+        h_new = o.e.op("Tanh", [o.add(step[0], o.matmul(h, w["Rt"]))])
         return h_new, None, dict(h_new=h_new)
 
-    def backward(self, o: _Ops, w, s, gh, gc):
-        d_pre = o.mul(gh, o.dtanh(s["h_new"]))
+    def factors(self, o: _Ops, w, s):
+        return dict(F=o.dtanh(s["h_new"]))
+
+    def backward(self, o: _Ops, w, k, gh, gc):
+        d_pre = o.mul(gh, k["F"])
         return d_pre, o.matmul(d_pre, w["R"]), None
 
 
@@ -173,7 +186,10 @@ def _scan(e: Emitter, like: str, step, states: list[str], scanned: list[tuple[st
     state_in = [body.fresh("state") for _ in states]
     step_in = [body.fresh("step") for _ in scanned]
     new_states, outs = step(_Ops(body, like), state_in, step_in)
-    results = [body.op("Identity", [t]) for t in new_states + outs]   # body outputs are fresh tensors
+    results, seen = [], set(state_in + step_in)
+    for t in new_states + outs:   # a body output must be a tensor of its own: copy inputs and repeats
+        results.append(body.op("Identity", [t]) if t in seen else t)
+        seen.add(t)
     elem = e.dtype(like)
     graph = helper.make_graph(body.nodes, body.fresh("body"),
                               [helper.make_tensor_value_info(n, elem, None) for n in state_in + step_in],
@@ -224,37 +240,37 @@ def _recur(e: Emitter, node, gy, need, cell) -> list:
         masks = [(e.unsqueeze(e.op("Cast", [inside], to=e.dtype(X)), [2]), 0)]
     g_y, g_yh = gy[0], gy[1] if len(gy) > 1 else None
     g_yc = gy[2] if len(gy) > 2 else None
-    keys = cell.saved
     gx, gh0s, gc0s = None, [], []
     for d, backwards in enumerate(directions):
         w = {"H": H, "R": pick(R, d, 0)}
         w["Rt"] = e.op("Transpose", [w["R"]], perm=[1, 0])
         W_d = pick(W, d, 0)
         xw = o.matmul(X, e.op("Transpose", [W_d], perm=[1, 0]))   # every step's input term at once
-        w["Rb"] = None
+        bias = None
         if B:
             B_d = pick(B, d, 0)
-            xw = o.add(xw, e.op("Slice", [B_d, e.ints([0]), e.ints([G * H]), e.ints([0])]))
-            w["Rb"] = e.op("Slice", [B_d, e.ints([G * H]), e.ints([2 * G * H]), e.ints([0])])
+            bias = (o.last(B_d, 0, G * H), o.last(B_d, G * H, 2 * G * H))
+        inputs = cell.prepare(o, w, xw, bias)
         start = [pick(h_init, d) if h_init else zeros] + ([pick(c_init, d) if c_init else zeros] if has_cell else [])
 
         def forward(s, state, step):
             h, c = state[0], state[1] if has_cell else None
-            h_new, c_new, saved = cell.forward(s, w, step[0], h, c)
+            h_new, c_new, saved = cell.forward(s, w, step, h, c)
             if masks:   # padding steps keep the state
-                m = step[1]
+                m = step[-1]
                 h_new = s.add(h, s.mul(m, s.sub(h_new, h)))
                 c_new = s.add(c, s.mul(m, s.sub(c_new, c))) if has_cell else None
-            return [h_new] + ([c_new] if has_cell else []), [saved[k] for k in keys]
+            return [h_new] + ([c_new] if has_cell else []), [saved[k] for k in cell.kept]
 
-        _, stacked = _scan(e, X, forward, start, [(xw, layout)] + masks, len(keys), backwards)
+        _, kept = _scan(e, X, forward, start, [(t, layout) for t in inputs] + masks, len(cell.kept), backwards)
+        factors = cell.factors(o, w, dict(zip(cell.kept, kept)))
         seeds = [pick(g_yh, d) if g_yh else zeros] + ([pick(g_yc, d) if g_yc else zeros] if has_cell else [])
         sources = [(pick(g_y, d, 1 + layout), layout)] if g_y else []
 
         def backward(s, state, step):
             gh, gc = state[0], state[1] if has_cell else None
-            saved = dict(zip(keys, step))
-            rest = step[len(keys):]
+            k = dict(zip(cell.factor_keys, step))
+            rest = step[len(cell.factor_keys):]
             g_new = s.add(gh, rest.pop(0)) if g_y else gh
             gc_new = gc
             if masks:   # Y is zero and the state is held on padding steps
@@ -262,14 +278,14 @@ def _recur(e: Emitter, node, gy, need, cell) -> list:
                 keep = s.one_minus(m)
                 g_new, held = s.mul(m, g_new), s.mul(keep, gh)
                 gc_new = s.mul(m, gc) if has_cell else None
-            d_pre, gh, gc = cell.backward(s, w, saved, g_new, gc_new)
+            d_pre, gh, gc = cell.backward(s, w, k, g_new, gc_new)
             if masks:
                 gh = s.add(gh, held)
                 gc = s.add(gc, s.mul(keep, state[1])) if has_cell else None
             return [gh] + ([gc] if has_cell else []), [d_pre]
 
-        finals, (d_pre,) = _scan(e, X, backward, seeds, [(t, 0) for t in stacked] + sources + masks, 1,
-                                 not backwards)
+        steps_back = [(factors[key], 0) for key in cell.factor_keys] + sources + masks
+        finals, (d_pre,) = _scan(e, X, backward, seeds, steps_back, 1, not backwards)
         gh0s.append(finals[0])
         gc0s.append(finals[1] if has_cell else None)
         if need[0]:   # d_pre is [T, N, G*H]
@@ -286,7 +302,7 @@ def _recur(e: Emitter, node, gy, need, cell) -> list:
 
 @rule("LSTM")
 def lstm(e: Emitter, node, gy, need):
-    return _recur(e, node, gy, need, _LSTMCell(node))
+    return _recur(e, node, gy, need, _LSTMCell())
 
 
 @rule("GRU")
@@ -294,9 +310,9 @@ def gru(e: Emitter, node, gy, need):
     lbr = node_attrs(node).get("linear_before_reset", 0)
     if lbr not in (0, 1):
         raise Unsupported(f"linear_before_reset={lbr}")
-    return _recur(e, node, gy, need, _GRUCell(node))
+    return _recur(e, node, gy, need, _GRUCell(lbr))
 
 
 @rule("RNN")
 def rnn(e: Emitter, node, gy, need):
-    return _recur(e, node, gy, need, _RNNCell(node))
+    return _recur(e, node, gy, need, _RNNCell())
