@@ -146,7 +146,7 @@ MUTATIONS = [
     M("padding-steps-drop-the-held-state", "gradient rules", "onnxcam/gradients/rules/recurrent.py",
       "gh = s.add(gh, held)", "gh = gh", ("tests/test_portable_recurrent.py",)),
     M("reverse-direction-run-forwards", "gradient rules", "onnxcam/gradients/rules/recurrent.py",
-      "+ masks, len(cell.kept), backwards)", "+ masks, len(cell.kept), False)",
+      "len(cell.kept),\n                    backwards)", "len(cell.kept),\n                    False)",
       ("tests/test_portable_recurrent.py",)),
     M("auto-advice-circular", "gradient backends", "onnxcam/gradients/__init__.py",
       "raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None",

@@ -203,15 +203,14 @@ def _scan(e: Emitter, like: str, step, states: list[str], scanned: list[tuple[st
 
 
 def _recur(e: Emitter, node, gy, need, cell) -> list:
-    """Forward Scan (recomputing the gates, saving what the derivative reads), then a Scan back through
-    time in the opposite direction; per direction, then summed (dX) or stacked (initial states)."""
-    op = node.op_type
+    """Check the node, then per direction a forward Scan (recomputing the gates, keeping what the
+    derivative reads) and a Scan back through time; dX summed over directions, initial states stacked."""
     a = node_attrs(node)
     direction = a.get("direction", "forward")
     directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(direction)
     if directions is None:
         raise Unsupported(f"direction {direction!r}")
-    _check_attributes(node, op, len(directions))
+    _check_attributes(node, node.op_type, len(directions))
     if any(need[1:4]):
         raise Unsupported("gradient with respect to W, R or B (they depend on the wrt tensor)")
     layout = a.get("layout", 0)
@@ -220,84 +219,103 @@ def _recur(e: Emitter, node, gy, need, cell) -> list:
     X, W, R, B, seq_lens, h_init, c_init, P = list(node.input) + [""] * (8 - len(node.input))
     if P and not (e.value(P) is not None and not np.any(e.value(P))):
         raise Unsupported("peephole weights P are not differentiated")
-    H = a.get("hidden_size") or e.static_dims(R, [2])[0]
-    G, has_cell = cell.gates, cell.has_cell
+    layer = dict(X=X, W=W, R=R, B=B, h_init=h_init, c_init=c_init, layout=layout,
+                 H=a.get("hidden_size") or e.static_dims(R, [2])[0])
     o = _Ops(e, X)
     # states are [N, H]; X, Y_h and the initial states carry time or direction on axis `layout`
     batch = e.op("Slice", [e.shape_of(X), e.ints([1 - layout]), e.ints([2 - layout]), e.ints([0])])
-    zeros = e.op("ConstantOfShape", [e.op("Concat", [batch, e.ints([H])], axis=0)],
-                 value=numpy_helper.from_array(np.zeros(1, e.np_dtype(X)), ""))
-
-    def pick(t, i, axis=layout):
-        return e.op("Gather", [t, e.const(np.array(i, np.int64))], axis=axis)
-
-    masks = []   # [T, N, 1]: 1 on the steps of each sequence, 0 on its padding
-    if seq_lens:
-        steps = e.op("Gather", [e.shape_of(X), e.const(np.array(layout, np.int64))])
-        times = e.op("Range", [e.const(np.array(0, np.int64)), steps, e.const(np.array(1, np.int64))])
-        lengths = e.unsqueeze(e.op("Cast", [seq_lens], to=TensorProto.INT64), [0])
-        inside = e.op("Less", [e.unsqueeze(times, [1]), lengths])
-        masks = [(e.unsqueeze(e.op("Cast", [inside], to=e.dtype(X)), [2]), 0)]
-    g_y, g_yh = gy[0], gy[1] if len(gy) > 1 else None
-    g_yc = gy[2] if len(gy) > 2 else None
+    layer["zeros"] = e.op("ConstantOfShape", [e.op("Concat", [batch, e.ints([layer["H"]])], axis=0)],
+                          value=numpy_helper.from_array(np.zeros(1, e.np_dtype(X)), ""))
+    layer["masks"] = _padding_masks(e, X, seq_lens, layout) if seq_lens else []
+    sources = list(gy) + [None] * (3 - len(gy))
     gx, gh0s, gc0s = None, [], []
     for d, backwards in enumerate(directions):
-        w = {"H": H, "R": pick(R, d, 0)}
-        w["Rt"] = e.op("Transpose", [w["R"]], perm=[1, 0])
-        W_d = pick(W, d, 0)
-        xw = o.matmul(X, e.op("Transpose", [W_d], perm=[1, 0]))   # every step's input term at once
-        bias = None
-        if B:
-            B_d = pick(B, d, 0)
-            bias = (o.last(B_d, 0, G * H), o.last(B_d, G * H, 2 * G * H))
-        inputs = cell.prepare(o, w, xw, bias)
-        start = [pick(h_init, d) if h_init else zeros] + ([pick(c_init, d) if c_init else zeros] if has_cell else [])
-
-        def forward(s, state, step):
-            h, c = state[0], state[1] if has_cell else None
-            h_new, c_new, saved = cell.forward(s, w, step, h, c)
-            if masks:   # padding steps keep the state
-                m = step[-1]
-                h_new = s.add(h, s.mul(m, s.sub(h_new, h)))
-                c_new = s.add(c, s.mul(m, s.sub(c_new, c))) if has_cell else None
-            return [h_new] + ([c_new] if has_cell else []), [saved[k] for k in cell.kept]
-
-        _, kept = _scan(e, X, forward, start, [(t, layout) for t in inputs] + masks, len(cell.kept), backwards)
-        factors = cell.factors(o, w, dict(zip(cell.kept, kept)))
-        seeds = [pick(g_yh, d) if g_yh else zeros] + ([pick(g_yc, d) if g_yc else zeros] if has_cell else [])
-        sources = [(pick(g_y, d, 1 + layout), layout)] if g_y else []
-
-        def backward(s, state, step):
-            gh, gc = state[0], state[1] if has_cell else None
-            k = dict(zip(cell.factor_keys, step))
-            rest = step[len(cell.factor_keys):]
-            g_new = s.add(gh, rest.pop(0)) if g_y else gh
-            gc_new = gc
-            if masks:   # Y is zero and the state is held on padding steps
-                m = rest[0]
-                keep = s.one_minus(m)
-                g_new, held = s.mul(m, g_new), s.mul(keep, gh)
-                gc_new = s.mul(m, gc) if has_cell else None
-            d_pre, gh, gc = cell.backward(s, w, k, g_new, gc_new)
-            if masks:
-                gh = s.add(gh, held)
-                gc = s.add(gc, s.mul(keep, state[1])) if has_cell else None
-            return [gh] + ([gc] if has_cell else []), [d_pre]
-
-        steps_back = [(factors[key], 0) for key in cell.factor_keys] + sources + masks
-        finals, (d_pre,) = _scan(e, X, backward, seeds, steps_back, 1, not backwards)
-        gh0s.append(finals[0])
-        gc0s.append(finals[1] if has_cell else None)
-        if need[0]:   # d_pre is [T, N, G*H]
-            gxd = o.matmul(d_pre, W_d)
-            gx = o.add(gx, e.op("Transpose", [gxd], perm=[1, 0, 2]) if layout else gxd)
+        gx_d, gh0, gc0 = _direction(e, o, cell, layer, d, backwards, sources, need[0])
+        gx = o.add(gx, gx_d) if need[0] else None
+        gh0s.append(gh0)
+        gc0s.append(gc0)
 
     def stack(parts):
         return o.concat([e.unsqueeze(p, [layout]) for p in parts], axis=layout)
 
-    out = [gx, None, None, None, None, stack(gh0s) if need[5:6] == [True] else None,
-           stack(gc0s) if has_cell and need[6:7] == [True] else None, None]
+    def wants(i):
+        return len(need) > i and need[i]
+    out = [gx, None, None, None, None, stack(gh0s) if wants(5) else None,
+           stack(gc0s) if cell.has_cell and wants(6) else None, None]
     return out[:len(node.input)]
+
+
+def _padding_masks(e: Emitter, X: str, seq_lens: str, layout: int) -> list:
+    """[(mask, 0)] with mask [T, N, 1]: 1 on the steps of each sequence, 0 on its padding."""
+    steps = e.op("Gather", [e.shape_of(X), e.const(np.array(layout, np.int64))])
+    times = e.op("Range", [e.const(np.array(0, np.int64)), steps, e.const(np.array(1, np.int64))])
+    lengths = e.unsqueeze(e.op("Cast", [seq_lens], to=TensorProto.INT64), [0])
+    inside = e.op("Less", [e.unsqueeze(times, [1]), lengths])
+    return [(e.unsqueeze(e.op("Cast", [inside], to=e.dtype(X)), [2]), 0)]
+
+
+def _direction(e: Emitter, o: _Ops, cell, layer: dict, d: int, backwards: bool, sources, need_x: bool):
+    """(d/dX, d/d initial_h, d/d initial_c) of direction ``d``; ``sources`` are the gradients of Y,
+    Y_h, Y_c (None when that output does not reach the score)."""
+    layout, H, G, has_cell, masks = layer["layout"], layer["H"], cell.gates, cell.has_cell, layer["masks"]
+    g_y, g_yh, g_yc = sources
+    zeros = layer["zeros"]
+
+    def pick(t, i, axis=layout):
+        return e.op("Gather", [t, e.const(np.array(i, np.int64))], axis=axis)
+
+    w = {"H": H, "R": pick(layer["R"], d, 0)}
+    w["Rt"] = e.op("Transpose", [w["R"]], perm=[1, 0])
+    W_d = pick(layer["W"], d, 0)
+    xw = o.matmul(layer["X"], e.op("Transpose", [W_d], perm=[1, 0]))   # every step's input term at once
+    bias = None
+    if layer["B"]:
+        B_d = pick(layer["B"], d, 0)
+        bias = (o.last(B_d, 0, G * H), o.last(B_d, G * H, 2 * G * H))
+    inputs = cell.prepare(o, w, xw, bias)
+    start = [pick(layer["h_init"], d) if layer["h_init"] else zeros]
+    if has_cell:
+        start.append(pick(layer["c_init"], d) if layer["c_init"] else zeros)
+
+    def forward(s, state, step):
+        h, c = state[0], state[1] if has_cell else None
+        h_new, c_new, kept = cell.forward(s, w, step, h, c)
+        if masks:   # padding steps keep the state
+            m = step[-1]
+            h_new = s.add(h, s.mul(m, s.sub(h_new, h)))
+            c_new = s.add(c, s.mul(m, s.sub(c_new, c))) if has_cell else None
+        return [h_new] + ([c_new] if has_cell else []), [kept[k] for k in cell.kept]
+
+    _, kept = _scan(e, layer["X"], forward, start, [(t, layout) for t in inputs] + masks, len(cell.kept),
+                    backwards)
+    factors = cell.factors(o, w, dict(zip(cell.kept, kept)))
+    seeds = [pick(g_yh, d) if g_yh else zeros] + ([pick(g_yc, d) if g_yc else zeros] if has_cell else [])
+
+    def backward(s, state, step):
+        gh, gc = state[0], state[1] if has_cell else None
+        k = dict(zip(cell.factor_keys, step))
+        rest = step[len(cell.factor_keys):]
+        g_new = s.add(gh, rest.pop(0)) if g_y else gh
+        gc_new = gc
+        if masks:   # Y is zero and the state is held on padding steps
+            m = rest[0]
+            keep = s.one_minus(m)
+            g_new, held = s.mul(m, g_new), s.mul(keep, gh)
+            gc_new = s.mul(m, gc) if has_cell else None
+        d_pre, gh, gc = cell.backward(s, w, k, g_new, gc_new)
+        if masks:
+            gh = s.add(gh, held)
+            gc = s.add(gc, s.mul(keep, state[1])) if has_cell else None
+        return [gh] + ([gc] if has_cell else []), [d_pre]
+
+    scanned = [(factors[key], 0) for key in cell.factor_keys]
+    scanned += [(pick(g_y, d, 1 + layout), layout)] if g_y else []
+    finals, (d_pre,) = _scan(e, layer["X"], backward, seeds, scanned + masks, 1, not backwards)
+    gx = None
+    if need_x:   # d_pre is [T, N, G*H]
+        gx = o.matmul(d_pre, W_d)
+        gx = e.op("Transpose", [gx], perm=[1, 0, 2]) if layout else gx
+    return gx, finals[0], finals[1] if has_cell else None
 
 
 @rule("LSTM")
