@@ -150,7 +150,7 @@ MUTATIONS = [
       ("tests/test_portable_recurrent.py",)),
     M("auto-advice-circular", "gradient backends", "onnxcam/gradients/__init__.py",
       "raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None",
-      "raise OnnxcamError(str(failure)) from None", ("tests/test_auto_backend_message.py",), training=True),
+      "raise OnnxcamError(str(failure)) from None", ("tests/test_auto_backend.py",), training=True),
 ]
 
 
