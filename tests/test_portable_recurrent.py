@@ -181,3 +181,11 @@ def test_gradient_reaches_a_tensor_before_the_layer():
     model = graph_model(nodes, inputs, consts, opset=14)
     g, g2 = gradients(model, inputs, ["x", "x2"])
     np.testing.assert_allclose(g, 2 * g2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_only_the_initial_state_on_the_path(op):
+    """X a constant, initial_h (and initial_c) the explained tensors: an encoder state fed to a decoder."""
+    nodes, inputs, consts, wrt = recurrent_case(op, "bidirectional", True, [3, 2])
+    consts["x"] = inputs.pop("x")
+    assert_gradients_match(nodes, inputs, consts, wrt=tuple(wrt[1:]), opset=14)

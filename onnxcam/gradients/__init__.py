@@ -43,7 +43,13 @@ def build_gradient_model(model: onnx.ModelProto, score: str, wrt: list[str],
                                "install onnxcam[training-cpu] (or [training]) in its own environment, "
                                "or use --grad-backend portable")
         from . import ort_training
-        return ort_training.build(model, score, wrt), "ort-training"
+        try:
+            return ort_training.build(model, score, wrt), "ort-training"
+        except ort_training.BuilderFailure as failure:   # its advice may be the portable backend
+            missing = portable.unsupported_ops(model, score, wrt)
+            if missing:
+                raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None
+            raise
     missing = portable.unsupported_ops(model, score, wrt)
     if not missing:
         return portable.build(model, score, wrt), "portable"
