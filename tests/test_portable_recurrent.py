@@ -189,3 +189,13 @@ def test_only_the_initial_state_on_the_path(op):
     nodes, inputs, consts, wrt = recurrent_case(op, "bidirectional", True, [3, 2])
     consts["x"] = inputs.pop("x")
     assert_gradients_match(nodes, inputs, consts, wrt=tuple(wrt[1:]), opset=14)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_node_without_a_Y_output(op):
+    """Only the final states are outputs: the rule runs a copy of the node for the per-step states."""
+    finals = SOURCES[op][1:]
+    nodes, inputs, consts, wrt = recurrent_case(op, "bidirectional", True, [3, 2], sources=finals)
+    del nodes[0].output[:]
+    nodes[0].output.extend([""] + finals)
+    assert_gradients_match(nodes, inputs, consts, wrt=tuple(wrt), opset=14)

@@ -42,26 +42,28 @@ def build_gradient_model(model: onnx.ModelProto, score: str, wrt: list[str],
             raise OnnxcamError("--grad-backend ort-training needs a training build of ONNX Runtime; "
                                "install onnxcam[training-cpu] (or [training]) in its own environment, "
                                "or use --grad-backend portable")
-        from . import ort_training
-        try:
-            return ort_training.build(model, score, wrt), "ort-training"
-        except ort_training.BuilderFailure as failure:   # its advice may be the portable backend
-            missing = portable.unsupported_ops(model, score, wrt)
-            if missing:
-                raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None
-            raise
+        return _ort_training(model, score, wrt), "ort-training"
     missing = portable.unsupported_ops(model, score, wrt)
     if not missing:
         return portable.build(model, score, wrt), "portable"
     if ort_training_available():
-        from . import ort_training
-        try:
-            return ort_training.build(model, score, wrt), "ort-training"
-        except ort_training.BuilderFailure as failure:
-            raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None
+        return _ort_training(model, score, wrt, missing), "ort-training"
     raise OnnxcamError("no portable gradient rule for " + ", ".join(missing)
                        + "; install onnxcam[training-cpu] for the ort-training backend, or pick a node "
                        "closer to the output")
+
+
+def _ort_training(model: onnx.ModelProto, score: str, wrt: list[str], missing: list[str] | None = None):
+    """ort-training's gradient model; where it fails and the portable backend fails too (``missing``,
+    found here when not given), one message for both instead of advice to use the other."""
+    from . import ort_training, portable
+    try:
+        return ort_training.build(model, score, wrt)
+    except ort_training.BuilderFailure as failure:
+        missing = portable.unsupported_ops(model, score, wrt) if missing is None else missing
+        if missing:
+            raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None
+        raise
 
 
 def neither_backend_message(portable_problems: list[str], training_reason: str) -> str:

@@ -1,12 +1,14 @@
-"""Rules for the recurrent layers LSTM, GRU and RNN: two ONNX Scans per direction.
+"""Rules for the recurrent layers LSTM, GRU and RNN, in plain ONNX at the model's opset.
 
-The node's own outputs do not hold the cell states or gate values the derivative needs, so a first Scan
-recomputes the forward pass and stacks, per step, what the derivative reads; a second Scan runs back
-through time in the opposite direction and stacks the gate pre-activation gradients, which one MatMul
-with W turns into d/dX for every step at once. Both are plain ONNX (Scan, MatMul, Sigmoid, Tanh, Mul,
-...) at the model's opset, and their size does not grow with the sequence length, which may be symbolic.
-``_recur`` holds what the three ops share (directions, layouts, initial states, ``sequence_lens``
-masking, the gradient sources Y, Y_h and Y_c); a small cell class per op holds the gate maths.
+The hidden state before every step comes from the node's own Y (a copy of the node gives it when Y
+is not an output), so the gate values of all steps are recomputed at once with a few large MatMuls;
+only LSTM's cell state needs a small Scan (c' = f*c + i*g). The derivative factors that do not depend
+on the incoming gradient are also computed for all steps at once; what is left is one Scan back
+through time per direction, a handful of ops per step, then one MatMul with W gives d/dX for every
+step. The graph does not grow with the sequence length, which may be symbolic.
+``_recur`` and ``_direction`` hold what the three ops share (directions, layouts, initial states,
+``sequence_lens`` masking, the gradient sources Y, Y_h and Y_c); a small cell class per op holds the
+gate maths.
 
 Only the defaults are differentiated: activations (LSTM Sigmoid/Tanh/Tanh, GRU Sigmoid/Tanh,
 RNN Tanh), no clip, no input_forget, no peepholes. W, R and B are constants of the explanation.
@@ -14,11 +16,13 @@ RNN Tanh), no clip, no input_forget, no peepholes. W, R and B are constants of t
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import rule
 from .base import Emitter, Unsupported, node_attrs
 
+_END = 2 ** 62   # a Slice end past any length
 DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 
 
@@ -65,26 +69,32 @@ class _Ops:
         return xs[0] if len(xs) == 1 else self.e.op("Concat", list(xs), axis=axis)
 
 
-# Each cell: ``prepare`` (outside the Scans: per-step input terms with the biases folded in, weight
-# slices), ``forward`` (one step, in the forward Scan; returns the values to keep), ``factors`` (on all
-# kept steps at once: every derivative factor that does not depend on the incoming gradient) and
-# ``backward`` (one step back: gate pre-activation gradient, d h_prev, d c_prev), kept to a few ops
-# because it runs once per step.
+# Each cell: ``prepare`` (per-step input terms with the biases folded in, weight slices),
+# ``recompute`` (the gate values of every step at once from the hidden states before each step, which
+# the node's own Y gives; LSTM's cell state needs one small Scan), ``factors`` (every derivative factor
+# that does not depend on the incoming gradient, for all steps at once) and ``backward`` (one step back
+# in the backward Scan: gate pre-activation gradient, d h_prev, d c_prev), kept to a few ops because it
+# runs once per step. All tensors here are time-major: [T, N, k] stacked, [N, k] per step.
 
 class _LSTMCell:
     """Gates i, o, f, c (ONNX order): c' = f*c + i*g, h' = o*tanh(c')."""
-    gates, has_cell, kept, factor_keys = 4, True, ("i", "o", "f", "g", "tc", "c"), ("A", "F", "f")
+    gates, has_cell, factor_keys = 4, True, ("A", "F", "f")
 
     def prepare(self, o: _Ops, w, xw, bias):
         return [o.add(xw, o.add(bias[0], bias[1])) if bias else xw]
 
-    def forward(self, o: _Ops, w, step, h, c):
-        pre = o.split(o.add(step[0], o.matmul(h, w["Rt"])), 4)
+    def recompute(self, o: _Ops, w, steps, h_prev, c0, masks):
+        pre = o.split(o.add(steps[0], o.matmul(h_prev, w["Rt"])), 4)
         i, out, f = (o.e.op("Sigmoid", [p]) for p in pre[:3])
         g = o.e.op("Tanh", [pre[3]])
-        c_new = o.add(o.mul(f, c), o.mul(i, g))
-        tc = o.e.op("Tanh", [c_new])
-        return o.mul(out, tc), c_new, dict(i=i, o=out, f=f, g=g, tc=tc, c=c)
+
+        def cell_state(s, state, step):   # the one recurrence left: c' = f*c + i*g
+            c_new = s.add(s.mul(step[0], state[0]), step[1])
+            held = s.add(state[0], s.mul(step[2], s.sub(c_new, state[0]))) if masks else c_new
+            return [held], [state[0], c_new]
+
+        c, c_new = _scan(o.e, o.like, cell_state, [c0], [(f, 0), (o.mul(i, g), 0)] + masks, 2, w["reverse"])[1]
+        return dict(i=i, o=out, f=f, g=g, tc=o.e.op("Tanh", [c_new]), c=c)
 
     def factors(self, o: _Ops, w, s):
         F = o.concat([o.mul(s["g"], o.dsigmoid(s["i"])), o.mul(s["tc"], o.dsigmoid(s["o"])),
@@ -100,7 +110,7 @@ class _LSTMCell:
 class _GRUCell:
     """Gates z, r, h (ONNX order): h' = (1-z)*n + z*h, with n = tanh(xWn + (r*h)Rn + Rbn) or, with
     linear_before_reset, n = tanh(xWn + r*(hRn + Rbn))."""
-    gates, has_cell, kept = 3, False, ("z", "r", "n", "h", "q")
+    gates, has_cell = 3, False
 
     def __init__(self, linear_before_reset: int):
         self.lbr = linear_before_reset
@@ -117,12 +127,12 @@ class _GRUCell:
             xw_n = o.add(xw_n, o.last(bias[0], 2 * H, 3 * H))
         return [xw_zr, xw_n]
 
-    def forward(self, o: _Ops, w, step, h, c):
-        z, r = o.split(o.e.op("Sigmoid", [o.add(step[0], o.matmul(h, w["Rt_zr"]))]), 2)
-        q = o.matmul(h if self.lbr else o.mul(r, h), w["Rt_n"])
+    def recompute(self, o: _Ops, w, steps, h_prev, c0, masks):
+        z, r = o.split(o.e.op("Sigmoid", [o.add(steps[0], o.matmul(h_prev, w["Rt_zr"]))]), 2)
+        q = o.matmul(h_prev if self.lbr else o.mul(r, h_prev), w["Rt_n"])
         q = o.add(q, w["Rb_n"]) if w["Rb_n"] else q
-        n = o.e.op("Tanh", [o.add(step[1], o.mul(r, q) if self.lbr else q)])
-        return o.add(n, o.mul(z, o.sub(h, n))), None, dict(z=z, r=r, n=n, h=h, q=q)
+        n = o.e.op("Tanh", [o.add(steps[1], o.mul(r, q) if self.lbr else q)])
+        return dict(z=z, r=r, n=n, h=h_prev, q=q)
 
     def factors(self, o: _Ops, w, s):
         Fn = o.mul(o.one_minus(s["z"]), o.dtanh(s["n"]))          # d h' / d n-pre-activation
@@ -147,14 +157,13 @@ class _GRUCell:
 
 class _RNNCell:
     """h' = tanh(xW + hR + Wb + Rb)."""
-    gates, has_cell, kept, factor_keys = 1, False, ("h_new",), ("F",)
+    gates, has_cell, factor_keys = 1, False, ("F",)
 
     def prepare(self, o: _Ops, w, xw, bias):
         return [o.add(xw, o.add(bias[0], bias[1])) if bias else xw]
 
-    def forward(self, o: _Ops, w, step, h, c):
-        h_new = o.e.op("Tanh", [o.add(step[0], o.matmul(h, w["Rt"]))])
-        return h_new, None, dict(h_new=h_new)
+    def recompute(self, o: _Ops, w, steps, h_prev, c0, masks):
+        return dict(h_new=w["Y"])
 
     def factors(self, o: _Ops, w, s):
         return dict(F=o.dtanh(s["h_new"]))
@@ -203,8 +212,8 @@ def _scan(e: Emitter, like: str, step, states: list[str], scanned: list[tuple[st
 
 
 def _recur(e: Emitter, node, gy, need, cell) -> list:
-    """Check the node, then per direction a forward Scan (recomputing the gates, keeping what the
-    derivative reads) and a Scan back through time; dX summed over directions, initial states stacked."""
+    """Check the node, then each direction's gradients (``_direction``); dX summed over directions,
+    the initial states' gradients stacked like the initial states."""
     a = node_attrs(node)
     direction = a.get("direction", "forward")
     directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(direction)
@@ -219,7 +228,7 @@ def _recur(e: Emitter, node, gy, need, cell) -> list:
     X, W, R, B, seq_lens, h_init, c_init, P = list(node.input) + [""] * (8 - len(node.input))
     if P and not (e.value(P) is not None and not np.any(e.value(P))):
         raise Unsupported("peephole weights P are not differentiated")
-    layer = dict(X=X, W=W, R=R, B=B, h_init=h_init, c_init=c_init, layout=layout,
+    layer = dict(X=X, W=W, R=R, B=B, h_init=h_init, c_init=c_init, layout=layout, Y=_forward_outputs(e, node),
                  H=a.get("hidden_size") or e.static_dims(R, [2])[0])
     o = _Ops(e, X)
     # states are [N, H]; X, Y_h and the initial states carry time or direction on axis `layout`
@@ -254,6 +263,21 @@ def _padding_masks(e: Emitter, X: str, seq_lens: str, layout: int) -> list:
     return [(e.unsqueeze(e.op("Cast", [inside], to=e.dtype(X)), [2]), 0)]
 
 
+def _states_before(e: Emitter, o: _Ops, Y: str, h0: str, masks: list, reverse: bool) -> str:
+    """h before each step, [T, N, H] time-major: the output of the step processed before it, h0 for the
+    first. Reverse with sequence_lens: a sequence's first step is its last valid one, whose successor
+    in time is padding; there (mask of the next step 0) the state is h0."""
+    first = e.unsqueeze(h0, [0])
+    if not reverse:
+        return o.concat([first, o.last(Y, 0, -1, 0)], axis=0)
+    if not masks:
+        return o.concat([o.last(Y, 1, _END, 0), first], axis=0)
+    m = masks[0][0]
+    later = o.concat([o.last(Y, 1, _END, 0), o.mul(first, e.scalar(0.0, o.like))], axis=0)
+    m_next = o.concat([o.last(m, 1, _END, 0), o.mul(o.last(m, 0, 1, 0), e.scalar(0.0, o.like))], axis=0)
+    return o.add(o.mul(m_next, later), o.mul(o.one_minus(m_next), first))
+
+
 def _direction(e: Emitter, o: _Ops, cell, layer: dict, d: int, backwards: bool, sources, need_x: bool):
     """(d/dX, d/d initial_h, d/d initial_c) of direction ``d``; ``sources`` are the gradients of Y,
     Y_h, Y_c (None when that output does not reach the score)."""
@@ -264,31 +288,23 @@ def _direction(e: Emitter, o: _Ops, cell, layer: dict, d: int, backwards: bool, 
     def pick(t, i, axis=layout):
         return e.op("Gather", [t, e.const(np.array(i, np.int64))], axis=axis)
 
-    w = {"H": H, "R": pick(layer["R"], d, 0)}
+    def time_major(t):   # [N, T, k] -> [T, N, k] under layout 1
+        return e.op("Transpose", [t], perm=[1, 0, 2]) if layout else t
+
+    w = {"H": H, "R": pick(layer["R"], d, 0), "reverse": backwards}
     w["Rt"] = e.op("Transpose", [w["R"]], perm=[1, 0])
     W_d = pick(layer["W"], d, 0)
-    xw = o.matmul(layer["X"], e.op("Transpose", [W_d], perm=[1, 0]))   # every step's input term at once
+    xw = time_major(o.matmul(layer["X"], e.op("Transpose", [W_d], perm=[1, 0])))   # all input terms at once
     bias = None
     if layer["B"]:
         B_d = pick(layer["B"], d, 0)
         bias = (o.last(B_d, 0, G * H), o.last(B_d, G * H, 2 * G * H))
-    inputs = cell.prepare(o, w, xw, bias)
-    start = [pick(layer["h_init"], d) if layer["h_init"] else zeros]
-    if has_cell:
-        start.append(pick(layer["c_init"], d) if layer["c_init"] else zeros)
-
-    def forward(s, state, step):
-        h, c = state[0], state[1] if has_cell else None
-        h_new, c_new, kept = cell.forward(s, w, step, h, c)
-        if masks:   # padding steps keep the state
-            m = step[-1]
-            h_new = s.add(h, s.mul(m, s.sub(h_new, h)))
-            c_new = s.add(c, s.mul(m, s.sub(c_new, c))) if has_cell else None
-        return [h_new] + ([c_new] if has_cell else []), [kept[k] for k in cell.kept]
-
-    _, kept = _scan(e, layer["X"], forward, start, [(t, layout) for t in inputs] + masks, len(cell.kept),
-                    backwards)
-    factors = cell.factors(o, w, dict(zip(cell.kept, kept)))
+    steps = cell.prepare(o, w, xw, bias)
+    h0 = pick(layer["h_init"], d) if layer["h_init"] else zeros
+    c0 = (pick(layer["c_init"], d) if layer["c_init"] else zeros) if has_cell else None
+    w["Y"] = time_major(pick(layer["Y"], d, 1 + layout))            # h after every step
+    kept = cell.recompute(o, w, steps, _states_before(e, o, w["Y"], h0, masks, backwards), c0, masks)
+    factors = cell.factors(o, w, kept)
     seeds = [pick(g_yh, d) if g_yh else zeros] + ([pick(g_yc, d) if g_yc else zeros] if has_cell else [])
 
     def backward(s, state, step):
@@ -309,13 +325,25 @@ def _direction(e: Emitter, o: _Ops, cell, layer: dict, d: int, backwards: bool, 
         return [gh] + ([gc] if has_cell else []), [d_pre]
 
     scanned = [(factors[key], 0) for key in cell.factor_keys]
-    scanned += [(pick(g_y, d, 1 + layout), layout)] if g_y else []
+    scanned += [(time_major(pick(g_y, d, 1 + layout)), 0)] if g_y else []
     finals, (d_pre,) = _scan(e, layer["X"], backward, seeds, scanned + masks, 1, not backwards)
     gx = None
     if need_x:   # d_pre is [T, N, G*H]
-        gx = o.matmul(d_pre, W_d)
-        gx = e.op("Transpose", [gx], perm=[1, 0, 2]) if layout else gx
+        gx = time_major(o.matmul(d_pre, W_d))
     return gx, finals[0], finals[1] if has_cell else None
+
+
+def _forward_outputs(e: Emitter, node) -> str:
+    """The node's Y (every step's hidden state); a copy of the node computes it when Y is not an output."""
+    if node.output and node.output[0]:
+        return node.output[0]
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = e.fresh(node.op_type)
+    del copy.output[:]
+    copy.output.append(e.fresh("Y"))
+    e.nodes.append(copy)
+    return copy.output[0]
 
 
 @rule("LSTM")
