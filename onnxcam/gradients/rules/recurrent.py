@@ -69,7 +69,7 @@ class _Ops:
         return xs[0] if len(xs) == 1 else self.e.op("Concat", list(xs), axis=axis)
 
 
-# Each cell: ``prepare`` (per-step input terms with the biases folded in, weight slices),
+# Each cell: ``prepare`` (LSTM, GRU: per-step input terms with the biases folded in, weight slices),
 # ``recompute`` (the gate values of every step at once from the hidden states before each step, which
 # the node's own Y gives; LSTM's cell state needs one small Scan), ``factors`` (every derivative factor
 # that does not depend on the incoming gradient, for all steps at once) and ``backward`` (one step back
@@ -119,7 +119,8 @@ class _GRUCell:
     def prepare(self, o: _Ops, w, xw, bias):
         H = w["H"]
         w["Rt_zr"], w["Rt_n"] = o.last(w["Rt"], 0, 2 * H), o.last(w["Rt"], 2 * H, 3 * H)
-        w["R_zr"], w["R_n"] = o.last(w["R"], 0, 2 * H, 0), o.last(w["R"], 2 * H, 3 * H, 0)
+        if not self.lbr:
+            w["R_zr"], w["R_n"] = o.last(w["R"], 0, 2 * H, 0), o.last(w["R"], 2 * H, 3 * H, 0)
         w["Rb_n"] = o.last(bias[1], 2 * H, 3 * H) if bias else None
         xw_zr, xw_n = o.last(xw, 0, 2 * H), o.last(xw, 2 * H, 3 * H)
         if bias:
@@ -156,11 +157,8 @@ class _GRUCell:
 
 
 class _RNNCell:
-    """h' = tanh(xW + hR + Wb + Rb)."""
+    """h' = tanh(xW + hR + Wb + Rb): the node's Y is all the derivative reads."""
     gates, has_cell, factor_keys = 1, False, ("F",)
-
-    def prepare(self, o: _Ops, w, xw, bias):
-        return [o.add(xw, o.add(bias[0], bias[1])) if bias else xw]
 
     def recompute(self, o: _Ops, w, steps, h_prev, c0, masks):
         return dict(h_new=w["Y"])
@@ -294,12 +292,14 @@ def _direction(e: Emitter, o: _Ops, cell, layer: dict, d: int, backwards: bool, 
     w = {"H": H, "R": pick(layer["R"], d, 0), "reverse": backwards}
     w["Rt"] = e.op("Transpose", [w["R"]], perm=[1, 0])
     W_d = pick(layer["W"], d, 0)
-    xw = time_major(o.matmul(layer["X"], e.op("Transpose", [W_d], perm=[1, 0])))   # all input terms at once
-    bias = None
-    if layer["B"]:
-        B_d = pick(layer["B"], d, 0)
-        bias = (o.last(B_d, 0, G * H), o.last(B_d, G * H, 2 * G * H))
-    steps = cell.prepare(o, w, xw, bias)
+    steps = []
+    if cell.gates > 1:   # RNN's derivative reads Y only
+        xw = time_major(o.matmul(layer["X"], e.op("Transpose", [W_d], perm=[1, 0])))   # all input terms at once
+        bias = None
+        if layer["B"]:
+            B_d = pick(layer["B"], d, 0)
+            bias = (o.last(B_d, 0, G * H), o.last(B_d, G * H, 2 * G * H))
+        steps = cell.prepare(o, w, xw, bias)
     h0 = pick(layer["h_init"], d) if layer["h_init"] else zeros
     c0 = (pick(layer["c_init"], d) if layer["c_init"] else zeros) if has_cell else None
     w["Y"] = time_major(pick(layer["Y"], d, 1 + layout))            # h after every step
