@@ -127,3 +127,22 @@ def test_auto_differentiates_an_lstm_and_the_map_matches_finite_differences():
     cam = cam - cam.min(1, keepdims=True)
     cam = cam / (cam.max(1, keepdims=True) + 1e-7)
     np.testing.assert_allclose(maps, cam, atol=2e-5)   # measured 1.4e-6 (float32 differences, eps 1e-2)
+
+
+def test_conv_lstm_through_the_cli_equals_the_api(tmp_path):
+    """`onnxcam explain` on the sequence net with its defaults (node, method, backend): the .npy map is
+    the API's, and a real map."""
+    model = conv_lstm_classifier()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    signal = np.random.default_rng(4).normal(size=(2, 10)).astype(np.float32)
+    np.save(tmp_path / "signal.npy", signal)
+    for method in ("gradcam", "layercam"):
+        result = run_cli("explain", path, tmp_path / "signal.npy", "--node", "/features/relu/Relu", "--method",
+                         method, "--out", tmp_path / "out")
+        assert result.exit_code == 0, result.stderr
+        from_cli = np.load(tmp_path / "out" / f"signal_{method}.npy")
+        from_api = Explainer(model, "/features/relu/Relu").explain(signal[None], method=method).maps[0]
+        assert from_cli.shape == (10,)
+        np.testing.assert_array_equal(from_cli, from_api)
+        assert from_api.max() > 0.999 and from_api.min() == 0.0
