@@ -130,8 +130,8 @@ def test_auto_differentiates_an_lstm_and_the_map_matches_finite_differences():
 
 
 def test_conv_lstm_through_the_cli_equals_the_api(tmp_path):
-    """`onnxcam explain` on the sequence net with its defaults (node, method, backend): the .npy map is
-    the API's, and a real map."""
+    """`onnxcam explain` on the sequence net (default gradient backend): the .npy map is the API's,
+    and a real map."""
     model = conv_lstm_classifier()
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
