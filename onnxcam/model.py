@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .graph import GraphView, default_opset
 
 PREPROCESS_KEY = "onnxcam.preprocess"
@@ -41,11 +41,12 @@ class LoadedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     metadata: dict[str, str] = field(default_factory=dict)
+    input_name: str | None = None     # the explained input (chosen by load_model)
 
     @property
     def input(self) -> TensorSpec:
-        """The single data input onnxcam explains."""
-        return self.inputs[0]
+        """The data input onnxcam explains (the others are fed as given: see feeds.py)."""
+        return next(spec for spec in self.inputs if spec.name == self.input_name)
 
     @cached_property
     def view(self) -> GraphView:
@@ -84,10 +85,14 @@ def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value_info.name, tensor_type.elem_type, shape)
 
 
-def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> LoadedModel:
-    """Load a path or wrap a proto; check it has exactly one float data input."""
+def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel", input: str | None = None
+               ) -> LoadedModel:
+    """Load a path or wrap a proto, and choose the float data input to explain: ``input`` by name, or the
+    model's only data input, or its only float input with spatial axes."""
     if isinstance(model, LoadedModel):
-        return model
+        if input is None or input == model.input_name:
+            return model
+        return replace(model, input_name=_explained_input(model.inputs, input, model.path).name)
     path = None
     if isinstance(model, onnx.ModelProto):
         proto = model
@@ -100,16 +105,35 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> Lo
     outputs = [tensor_spec(vi) for vi in graph.output]
     if not graph.node or not outputs:
         raise OnnxcamError(f"{_label(path)} has an empty graph; export the model again")
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs) or "none"
-        raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({names}); onnxcam explains "
-                           "models with exactly one image/signal input")
-    if inputs[0].elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-        raise OnnxcamError(f"input {inputs[0].name!r} of {_label(path)} is not a float tensor; "
-                           "onnxcam needs a float image/signal input")
+    explained = _explained_input(inputs, input, path)
     default_opset(proto)   # a model without the default domain is not one onnxcam can read
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return LoadedModel(proto, path, inputs, outputs, metadata)
+    return LoadedModel(proto, path, inputs, outputs, metadata, explained.name)
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+
+def _explained_input(inputs: list[TensorSpec], name: str | None, path: Path | None) -> TensorSpec:
+    listing = ", ".join(f"{i.name} {shape_text(i.shape)}" for i in inputs) or "none"
+    if not inputs:
+        raise OnnxcamError(f"{_label(path)} has no data input; export the model with its input")
+    if name is not None:
+        chosen = next((i for i in inputs if i.name == name), None)
+        if chosen is None:
+            raise OnnxcamError(f"--input {name!r} is not an input of {_label(path)}; its inputs: {listing}")
+    elif len(inputs) == 1:
+        chosen = inputs[0]
+    else:
+        spatial = [i for i in inputs if i.elem_type in _FLOATS and (i.rank or 0) >= 3]
+        if len(spatial) != 1:
+            raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({listing}); choose the one to "
+                               "explain with --input NAME and give the others with --feed NAME=FILE.npy")
+        chosen = spatial[0]
+    if chosen.elem_type not in _FLOATS:
+        raise OnnxcamError(f"input {chosen.name!r} of {_label(path)} is not a float tensor; "
+                           "onnxcam needs a float image/signal input")
+    return chosen
 
 
 def _label(path: Path | None) -> str:

@@ -147,9 +147,11 @@ class InGraphScorer:
         self.masks_scored = 0   # distinct masked inputs run so far (the bench's floor counts these)
 
     def weights(self, A, x, targets, batch_size: int = 32, max_channels: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                progress: Callable[[int, int], None] | None = None,
+                other_feeds: Callable[[int], dict] | None = None) -> np.ndarray:
         """Channel weights (N, C) float32 for activations A (N, C, *s, channels-first) of inputs x
-        (N, ..., in the model's own layout); ``targets`` (N,) the class scored per sample."""
+        (N, ..., in the model's own layout); ``targets`` (N,) the class scored per sample;
+        ``other_feeds(B)``: the model's other inputs for B masked copies."""
         A, x, targets = checked_inputs(A, x, targets, batch_size, max_channels)
         N, C = A.shape[:2]
         chunk = self.fixed_batch or batch_size
@@ -162,7 +164,10 @@ class InGraphScorer:
             scores = np.empty(len(maps), dtype=np.float64)
             for lo in range(0, len(maps), chunk):
                 part = maps[lo:lo + chunk]
-                logits = self.runner.run({SAMPLE: sample, MAPS: self._padded(part, chunk)})[0][:len(part)]
+                feeds = {SAMPLE: sample, MAPS: self._padded(part, chunk)}
+                if other_feeds is not None:
+                    feeds.update(other_feeds(chunk))
+                logits = self.runner.run(feeds)[0][:len(part)]
                 if logits.ndim != 2:
                     raise OnnxcamError(f"Score-CAM needs (batch, classes) logits; the model gives "
                                        f"shape {logits.shape}")
@@ -188,8 +193,10 @@ class ScoreCam:
     scored by ``forward`` (a batch in the model's layout -> the scored output)."""
 
     def __init__(self, model: LoadedModel, input_layout: str, forward: Callable[[np.ndarray], np.ndarray],
-                 provider: str = "auto", threads: int | None = None, probabilities: bool = False):
+                 provider: str = "auto", threads: int | None = None, probabilities: bool = False,
+                 other_feeds: Callable[[int], dict] | None = None):
         self.model = model
+        self.other_feeds = other_feeds
         self.input_layout = input_layout
         self.forward = forward
         self._options = (provider, threads, probabilities)
@@ -220,7 +227,7 @@ class ScoreCam:
         options = dict(batch_size=batch_size or 32, max_channels=max_channels, progress=progress)
         scorer = self.in_graph_scorer() if planes is None else None
         if scorer is not None:
-            return scorer.weights(A, x, targets, **options)
+            return scorer.weights(A, x, targets, other_feeds=self.other_feeds, **options)
         x_first = layouts.to_channels_first(x, self.input_layout)
         if planes is None:
             return scorecam_weights(A, x_first, targets, self._forward_logits(None), **options)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .gradients import build_gradient_model, gradient_name
 from .graph import GraphBuilder, GraphView, copy_model, view_of
 from .model import LoadedModel
@@ -48,10 +48,14 @@ class AugmentedModel:
                    backend)
 
 
-def find_logits(model, probabilities: bool = False) -> str:
-    """The tensor to score: the first output, or the input of a trailing Softmax (the logits)."""
+def find_logits(model, probabilities: bool = False, output: str | None = None) -> str:
+    """The tensor to score: ``output`` (default the first output), or the input of a Softmax that ends
+    it (the logits) unless ``probabilities``."""
     view = view_of(model)
-    name = view.output_names[0]
+    if output is not None and output not in view.output_names:
+        raise OnnxcamError(f"--output {output!r} is not an output of the model; its outputs: "
+                           + ", ".join(f"{o} {shape_text(view.shape(o))}" for o in view.output_names))
+    name = output or view.output_names[0]
     if probabilities:
         return name
     current = name
