@@ -141,6 +141,8 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+@click.option("--max-pixels", type=int, default=100_000_000, show_default=True,
+              help="Refuse images whose header declares more pixels (read before decoding; 0: no limit).")
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
                                                "from the cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
@@ -150,7 +152,7 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask):
+            overwrite, max_pixels, no_cache, labels, target_mask):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -161,6 +163,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--batch-size must be at least 1")
     if top_k is not None and top_k < 1:
         raise OnnxcamError("--top-k must be at least 1")
+    if max_pixels < 0:
+        raise OnnxcamError("--max-pixels must be 0 (no limit) or a positive pixel count")
     loaded = load_model(model)
     paths = collect_inputs(list(inputs))
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
@@ -178,7 +182,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                            top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
                            overwrite=overwrite, max_channels=max_channels,
                            progress=_progress_printer("score-cam", "masked inputs"),
-                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
+                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
+                           max_pixels=max_pixels or None)
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())

@@ -13,6 +13,7 @@ import numpy as np
 from . import outputs, render
 from .errors import OnnxcamError
 from .explainer import Explainer, Explanation
+from .image_header import DEFAULT_MAX_PIXELS
 from .preprocess import IMAGE_SUFFIXES, Preprocessing, read_image
 
 
@@ -65,7 +66,8 @@ def collect_inputs(specs: list[str]) -> list[Path]:
     return found
 
 
-def load_input(path: Path, preprocessing: Preprocessing, model_rank: int | None) -> InputItem:
+def load_input(path: Path, preprocessing: Preprocessing, model_rank: int | None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> InputItem:
     """An image file through the preprocessing, or a .npy array already in the model's layout."""
     if path.suffix.lower() == ".npy":
         try:
@@ -78,7 +80,7 @@ def load_input(path: Path, preprocessing: Preprocessing, model_rank: int | None)
             raise OnnxcamError(f"input {path} has shape {array.shape}; the model takes rank {model_rank} "
                                "batches, so save one sample without the batch axis")
         return InputItem(path, np.asarray(array, np.float32), None)
-    rgb = read_image(path)
+    rgb = read_image(path, max_pixels)
     return InputItem(path, preprocessing.apply(rgb), rgb)
 
 
@@ -101,7 +103,8 @@ class FileExplainer:
                  methods: list[str], target=None, top_k: int | None = None, alpha: float = 0.5,
                  save_npy: bool = False, batch_size: int = 16, overwrite: bool = False,
                  max_channels: int | None = None, progress=None, target_mask=None,
-                 class_names: list[str] | None = None, batch_progress=None):
+                 class_names: list[str] | None = None, batch_progress=None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if top_k is not None and target is not None:
             raise OnnxcamError("--target and --top-k exclude each other; pass one of them")
         self.explainer = explainer
@@ -118,6 +121,7 @@ class FileExplainer:
         self.progress = progress
         self.batch_progress = batch_progress      # callable(done, total) after each batch of files
         self.target_mask = target_mask
+        self.max_pixels = max_pixels
         self.class_names = class_names if class_names is not None else explainer.model.class_names
 
     def class_name(self, index: int) -> str | None:
@@ -152,7 +156,7 @@ class FileExplainer:
 
     def _load_batch(self, paths: list[Path]) -> tuple[list[InputItem], np.ndarray]:
         rank = self.explainer.model.input.rank
-        items = [load_input(p, self.preprocessing, rank) for p in paths]
+        items = [load_input(p, self.preprocessing, rank, self.max_pixels) for p in paths]
         shapes = {item.x.shape for item in items}
         if len(shapes) > 1:
             raise OnnxcamError(f"inputs of different shapes in one batch {sorted(shapes)}; "
@@ -181,15 +185,20 @@ class FileExplainer:
 
     def _write(self, item, i, explanations, rank, rank_tag, protected):
         results = []
+        multi = len(explanations) > 1
+        if multi and item.rgb is not None:  # grids: panels of a downscaled photo (bounded memory)
+            item = InputItem(item.path, item.x, render.fit_for_grid(item.rgb))
         panels = [render.label_panel(item.rgb if item.rgb is not None else render.render_input(item.x),
-                                      "input")] if len(explanations) > 1 else []
+                                      "input")] if multi else []
         for method, explanation in explanations.items():
             cam = explanation.maps[i]
             picture = draw(item, cam, self.alpha)
             stem = output_stem(item.path, method, rank_tag)
             written = []
-            if len(explanations) == 1:
-                written.append(outputs.write_png(self.out_dir / f"{stem}.png", picture, protected))
+            if not multi:
+                written.append(outputs.write_png(self.out_dir / f"{stem}.png", picture, protected,
+                                                 consume=True))
+                del picture
             else:
                 panels.append(render.label_panel(picture, method))
             if self.save_npy or item.rgb is None:

@@ -49,14 +49,27 @@ def write_bytes_atomic(path: str | Path, data: bytes, protected: set[Path] = fro
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return _encode_png(rgb, consume=False).tobytes()
+
+
+def _encode_png(rgb: np.ndarray, consume: bool) -> np.ndarray:
+    """PNG-encoded buffer; ``consume``: reorder the caller's (no longer needed) array in place
+    instead of copying it, which matters for large photos."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb) if consume else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    try:
+        ok, buffer = cv2.imencode(".png", bgr)
+    except (cv2.error, MemoryError) as exc:
+        raise OnnxcamError(f"cannot encode the PNG ({type(exc).__name__}); the picture is too large "
+                           "for the memory available") from None
     if not ok:
         raise OnnxcamError("OpenCV could not encode the PNG")
-    return buffer.tobytes()
+    return buffer
 
 
-def write_png(path, rgb: np.ndarray, protected=frozenset()) -> Path:
-    return write_bytes_atomic(path, png_bytes(rgb), protected)
+def write_png(path, rgb: np.ndarray, protected=frozenset(), consume: bool = False) -> Path:
+    """Write ``rgb`` as a PNG; ``consume=True`` lets the encoder reuse ``rgb``'s memory (it is left
+    in BGR order)."""
+    return write_bytes_atomic(path, memoryview(_encode_png(rgb, consume)), protected)
 
 
 def write_npy(path, array: np.ndarray, protected=frozenset()) -> Path:
