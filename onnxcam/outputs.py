@@ -1,17 +1,17 @@
-"""Write result files atomically: a temp file in the same folder, then rename. A crash or a bad input
-never leaves a half-written PNG, and an input file is never overwritten.
+"""Write result files atomically (``atomic.write_atomic``: a temp file in the same folder, then
+rename). A crash or a bad input never leaves a half-written PNG, and an input file is never overwritten.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .atomic import write_atomic
 from .errors import OnnxcamError
 
 
@@ -31,21 +31,16 @@ def prepare_dir(path: str | Path) -> Path:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, protected: set[Path] = frozenset()) -> Path:
+    """Write ``data`` atomically (``atomic.write_atomic``), refusing to replace an input file."""
     path = Path(path)
     if path.resolve() in protected:
         raise OnnxcamError(f"refusing to overwrite input file {path}; choose another --out folder")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OnnxcamError(f"cannot write {path} ({exc.strerror}); check the --out folder") from exc
-        raise
-    return path
+        return write_atomic(path, [data])
+    except OSError as exc:
+        raise OnnxcamError(f"cannot write {path} ({exc.strerror}); check the --out folder") from exc
+    except MemoryError:
+        raise OnnxcamError(f"not enough memory to write {path}") from None
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
