@@ -19,7 +19,9 @@ from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")   # mkstemp's 8 random characters
-STALE_GRACE_S = 10.0   # a temporary this much older than the run's start belongs to no live writer
+# a temporary last written this long before the run started belongs to no live writer (each of ours
+# is written by one call and renamed at once); runs killed less than this before are cleaned next time
+STALE_GRACE_S = 2.0
 _UMASK: int | None = None
 
 
@@ -62,10 +64,11 @@ def is_our_temp(name: str) -> bool:
     return bool(_TEMP_PATTERN.match(name))
 
 
-def remove_stale_temps(folder: str | os.PathLike, started: float | None = None) -> int:
-    """Remove our temporaries in ``folder`` last written before ``started`` (default now) minus a
-    grace period; return how many. Other files, and temporaries of live writers, are left alone."""
-    limit = (time.time() if started is None else started) - STALE_GRACE_S
+def remove_stale_temps(folder: str | os.PathLike, started: float | None = None,
+                       grace: float = STALE_GRACE_S) -> int:
+    """Remove our temporaries in ``folder`` last written before ``started`` (default now) minus
+    ``grace`` seconds; return how many. Other files, and temporaries of live writers, are left alone."""
+    limit = (time.time() if started is None else started) - grace
     removed = 0
     try:
         entries = list(os.scandir(folder))

@@ -143,6 +143,8 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
 @click.option("--max-pixels", type=int, default=100_000_000, show_default=True,
               help="Refuse images whose header declares more pixels (read before decoding; 0: no limit).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first input that cannot be read (default: "
+                                                "report it, skip it, exit 1 at the end).")
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
                                                "from the cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
@@ -152,7 +154,7 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, max_pixels, no_cache, labels, target_mask):
+            overwrite, max_pixels, fail_fast, no_cache, labels, target_mask):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -183,7 +185,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                            overwrite=overwrite, max_channels=max_channels,
                            progress=_progress_printer("score-cam", "masked inputs"),
                            batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
-                           max_pixels=max_pixels or None)
+                           max_pixels=max_pixels or None, fail_fast=fail_fast,
+                           on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
@@ -197,7 +200,12 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
-                               "skipped": runner.skipped, "results": summaries}, indent=2))
+                               "skipped": runner.skipped, "results": summaries,
+                               "failed": [{"input": str(p), "error": m} for p, m in runner.failures]},
+                              indent=2, allow_nan=False))
+    if runner.failures:
+        raise OnnxcamError(f"{len(runner.failures)} of {len(paths)} input(s) could not be read and were "
+                           "skipped (errors above); fix or remove them (--fail-fast stops at the first)")
 
 
 def read_labels(path: str) -> list[str]:
