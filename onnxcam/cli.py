@@ -5,6 +5,8 @@ Every OnnxcamError becomes one line on stderr and exit code 1; nothing else is p
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from dataclasses import replace
 
@@ -50,6 +52,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use smaller inputs or --size, a smaller --batch-size, or a "
+                       "lower --max-pixels", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)
@@ -167,9 +173,19 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--top-k must be at least 1")
     if max_pixels < 0:
         raise OnnxcamError("--max-pixels must be 0 (no limit) or a positive pixel count")
+    if max_channels is not None and max_channels < 1:
+        raise OnnxcamError("--max-channels must be at least 1")
+    if not math.isfinite(alpha):
+        raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
+    if scale is not None and not math.isfinite(scale):
+        raise OnnxcamError(f"--scale {scale} must be a finite number")
+    parsed_size = _size(size)
+    if parsed_size is not None and parsed_size[0] * parsed_size[1] > (max_pixels or 100_000_000):
+        raise OnnxcamError(f"--size {size} is {parsed_size[0] * parsed_size[1] / 1e6:g} megapixels, over the "
+                           f"--max-pixels limit; pass a smaller size")
     loaded = load_model(model)
     paths = collect_inputs(list(inputs))
-    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
+    preprocessing = _preprocessing(loaded, parsed_size, _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
                           layout=preprocessing.layout, probabilities=probabilities,
@@ -228,9 +244,13 @@ def read_mask(path: str):
     from .preprocess import read_image
     if Path(path).suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32)
+            mask = np.load(path, allow_pickle=False).astype(np.float32)
         except Exception as exc:
-            raise OnnxcamError(f"--target-mask {path} is not a readable .npy array ({exc})") from exc
+            raise OnnxcamError(f"--target-mask {path} is not a readable numeric .npy array "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not np.isfinite(mask).all():
+            raise OnnxcamError(f"--target-mask {path} holds NaN or infinite values")
+        return mask
     return (read_image(path).max(axis=-1) > 0).astype(np.float32)
 
 
@@ -277,8 +297,11 @@ def _initializers(proto) -> set[str]:
 def _target(text: str | None, class_names):
     if text is None:
         return None
-    if text.lstrip("-").isdigit():
-        return int(text)
+    if re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        value = int(text)
+        if value < 0:
+            raise OnnxcamError(f"--target {text!r} must be a class index >= 0 or a class name")
+        return value
     names = class_names or []
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:

@@ -60,12 +60,12 @@ def collect_inputs(specs: list[str]) -> list[Path]:
     found: list[Path] = []
     for spec in specs:
         path = Path(spec)
-        if any(ch in spec for ch in "*?[") and not path.exists():
+        if any(ch in spec for ch in "*?[") and not os.path.lexists(spec):
             matches = sorted(p for p in map(Path, glob.glob(spec)) if _is_input_file(p))
             if not matches:
                 raise OnnxcamError(f"pattern {spec!r} matches no image or .npy file")
             found.extend(matches)
-        elif path.is_dir():
+        elif os.path.isdir(spec):
             try:
                 matches = sorted(p for p in path.iterdir() if _is_input_file(p))
             except OSError as exc:
@@ -73,7 +73,7 @@ def collect_inputs(specs: list[str]) -> list[Path]:
             if not matches:
                 raise OnnxcamError(f"folder {path} holds no image or .npy file")
             found.extend(matches)
-        elif not path.exists() and not path.is_symlink():
+        elif not _lexists(spec):
             raise OnnxcamError(f"input {path} does not exist; check the path")
         else:
             found.append(path)
@@ -84,6 +84,18 @@ def collect_inputs(specs: list[str]) -> list[Path]:
             seen.add(key)
             unique.append(p)
     return unique
+
+
+def _lexists(spec: str) -> bool:
+    """False only when the path certainly does not exist (a permission error is for the reader to
+    report, with its reason)."""
+    try:
+        os.lstat(spec)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _is_input_file(path: Path) -> bool:
@@ -122,7 +134,8 @@ def load_npy(path: Path) -> np.ndarray:
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.dtype.names:
         raise OnnxcamError(f"input {path} holds {array.dtype} values; save a numeric (float or integer) "
                            "array")
-    array = np.asarray(array, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):   # beyond float32 becomes inf, refused below
+        array = np.asarray(array, np.float32)
     if array.size == 0:
         raise OnnxcamError(f"input {path} is an empty array {array.shape}")
     if not np.isfinite(array).all():

@@ -6,6 +6,7 @@ Defaults come from the model's ``onnxcam.preprocess`` metadata; every field can 
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 from dataclasses import dataclass, replace
@@ -65,6 +66,9 @@ class Preprocessing:
         if len(self.mean) != len(self.std):
             raise OnnxcamError(f"--mean has {len(self.mean)} values but --std has {len(self.std)}; "
                                "give one value per channel to both")
+        for name, values in (("--mean", self.mean), ("--std", self.std), ("--scale", (self.scale,))):
+            if not all(math.isfinite(v) for v in values):
+                raise OnnxcamError(f"{name} {', '.join(map(str, values))} must be finite numbers")
         if any(s == 0 for s in self.std):
             raise OnnxcamError("--std contains 0; every standard deviation must be non-zero")
         if self.size is not None and min(self.size) <= 0:
