@@ -5,7 +5,8 @@ model and request reads the result back instead. The cache is best-effort by des
 missing, truncated or corrupt is rebuilt, and a directory that cannot be written just turns caching
 off — caching never makes an explanation fail.
 
-Each file holds a short header (magic + sha256 of the payload) before the serialized model, so a
+The folder is capped at ``$ONNXCAM_CACHE_MAX_MB`` (least recently used entries go first; see
+``cache_limits``). Each file holds a short header (magic + sha256 of the payload) before the serialized model, so a
 truncated or damaged file is recognised for certain, not parsed into a half model. Writes go through
 ``atomic.write_atomic``, the same as every output file.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import onnx
 
+from . import cache_limits
 from .atomic import write_atomic
 
 CACHE_ENV = "ONNXCAM_CACHE_DIR"
@@ -103,8 +105,10 @@ def cached_model(parts: dict, model_proto: onnx.ModelProto | bytes,
     path = path / f"{cache_key(parts, model_bytes)}.onnxcam"
     hit = _read(path)
     if hit is not None:
+        cache_limits.touch(path)
         return hit
     proto = build()
-    if proto.ByteSize() <= MAX_CACHED_BYTES:
-        _write(path, proto)
+    limit = cache_limits.max_bytes()
+    if proto.ByteSize() <= min(MAX_CACHED_BYTES, limit) and _write(path, proto):
+        cache_limits.evict(path.parent, keep=path, limit=limit)
     return proto

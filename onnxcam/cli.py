@@ -290,6 +290,37 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
                f"outputs {', '.join(augmented.output_names)}")
 
 
+@main.group("cache")
+def cache_group():
+    """Inspect or empty the augmented-model cache ($ONNXCAM_CACHE_DIR, default ~/.cache/onnxcam;
+    capped at $ONNXCAM_CACHE_MAX_MB megabytes, default 2048, least recently used entries evicted)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info(as_json):
+    """Folder, number of entries, size and cap."""
+    from .cache import default_cache_dir
+    from .cache_limits import info
+    facts = info(default_cache_dir())
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{facts['folder']}: {facts['entries']} entr{'y' if facts['entries'] == 1 else 'ies'}, "
+               f"{facts['bytes'] / 2**20:.1f} MB of {facts['max_bytes'] / 2**20:.0f} MB"
+               + (f", {facts['temporaries']} leftover temporary file(s)" if facts["temporaries"] else ""))
+
+
+@cache_group.command("clear")
+def cache_clear():
+    """Remove every cached model (and leftover temporaries); other files are left alone."""
+    from .cache import default_cache_dir
+    from .cache_limits import clear
+    folder = default_cache_dir()
+    count, freed = clear(folder)
+    click.echo(f"removed {count} cached model(s), {freed / 2**20:.1f} MB, from {folder}")
+
+
 def _initializers(proto) -> set[str]:
     return {init.name for init in proto.graph.initializer}
 
