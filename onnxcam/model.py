@@ -130,7 +130,29 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.output:
         raise OnnxcamError(f"{path} is not an ONNX model (no graph found); pass a .onnx file")
     _load_external_data(proto, path)
+    check_structure(proto, str(path))
     return proto
+
+
+def check_structure(proto: onnx.ModelProto, label: str) -> None:
+    """Refuse a damaged model before any graph code reads it: onnx's checker (names, ops, types,
+    attribute kinds), plus names that are not text (protobuf hands invalid UTF-8 back as bytes)."""
+    graph = proto.graph
+    names = [graph.name]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    names += [vi.name for vi in list(graph.input) + list(graph.output) + list(graph.value_info)]
+    names += [init.name for init in graph.initializer]
+    if any(not isinstance(n, str) for n in names):
+        raise OnnxcamError(f"{label} has names that are not valid UTF-8 text; the file is damaged, "
+                           "export the model again")
+    if proto.ByteSize() < 2**31 - 1:
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()
+            raise OnnxcamError(f"{label} is not a valid ONNX model ({reason[0][:200] if reason else type(exc).__name__}); "
+                               "export it again") from None
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
