@@ -5,6 +5,8 @@ Every OnnxcamError becomes one line on stderr and exit code 1; nothing else is p
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from dataclasses import replace
 
@@ -50,6 +52,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use smaller inputs or --size, a smaller --batch-size, or a "
+                       "lower --max-pixels", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)
@@ -141,6 +147,10 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+@click.option("--max-pixels", type=int, default=100_000_000, show_default=True,
+              help="Refuse images whose header declares more pixels (read before decoding; 0: no limit).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first input that cannot be read (default: "
+                                                "report it, skip it, exit 1 at the end).")
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
                                                "from the cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
@@ -150,7 +160,7 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask):
+            overwrite, max_pixels, fail_fast, no_cache, labels, target_mask):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -161,9 +171,21 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--batch-size must be at least 1")
     if top_k is not None and top_k < 1:
         raise OnnxcamError("--top-k must be at least 1")
+    if max_pixels < 0:
+        raise OnnxcamError("--max-pixels must be 0 (no limit) or a positive pixel count")
+    if max_channels is not None and max_channels < 1:
+        raise OnnxcamError("--max-channels must be at least 1")
+    if not math.isfinite(alpha):
+        raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
+    if scale is not None and not math.isfinite(scale):
+        raise OnnxcamError(f"--scale {scale} must be a finite number")
+    parsed_size = _size(size)
+    if parsed_size is not None and parsed_size[0] * parsed_size[1] > (max_pixels or 100_000_000):
+        raise OnnxcamError(f"--size {size} is {parsed_size[0] * parsed_size[1] / 1e6:g} megapixels, over the "
+                           f"--max-pixels limit; pass a smaller size")
     loaded = load_model(model)
     paths = collect_inputs(list(inputs))
-    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
+    preprocessing = _preprocessing(loaded, parsed_size, _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
                           layout=layout or preprocessing.explainer_layout(loaded.input.rank),
@@ -179,7 +201,9 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                            top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
                            overwrite=overwrite, max_channels=max_channels,
                            progress=_progress_printer("score-cam", "masked inputs"),
-                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
+                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
+                           max_pixels=max_pixels or None, fail_fast=fail_fast,
+                           on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
@@ -193,7 +217,12 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
-                               "skipped": runner.skipped, "results": summaries}, indent=2))
+                               "skipped": runner.skipped, "results": summaries,
+                               "failed": [{"input": str(p), "error": m} for p, m in runner.failures]},
+                              indent=2, allow_nan=False))
+    if runner.failures:
+        raise OnnxcamError(f"{len(runner.failures)} of {len(paths)} input(s) could not be read and were "
+                           "skipped (errors above); fix or remove them (--fail-fast stops at the first)")
 
 
 def read_labels(path: str) -> list[str]:
@@ -216,9 +245,13 @@ def read_mask(path: str):
     from .preprocess import read_image
     if Path(path).suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32)
+            mask = np.load(path, allow_pickle=False).astype(np.float32)
         except Exception as exc:
-            raise OnnxcamError(f"--target-mask {path} is not a readable .npy array ({exc})") from exc
+            raise OnnxcamError(f"--target-mask {path} is not a readable numeric .npy array "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not np.isfinite(mask).all():
+            raise OnnxcamError(f"--target-mask {path} holds NaN or infinite values")
+        return mask
     return (read_image(path).max(axis=-1) > 0).astype(np.float32)
 
 
@@ -259,6 +292,37 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
                f"outputs {', '.join(augmented.output_names)}")
 
 
+@main.group("cache")
+def cache_group():
+    """Inspect or empty the augmented-model cache ($ONNXCAM_CACHE_DIR, default ~/.cache/onnxcam;
+    capped at $ONNXCAM_CACHE_MAX_MB megabytes, default 2048, least recently used entries evicted)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info(as_json):
+    """Folder, number of entries, size and cap."""
+    from .cache import default_cache_dir
+    from .cache_limits import info
+    facts = info(default_cache_dir())
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{facts['folder']}: {facts['entries']} entr{'y' if facts['entries'] == 1 else 'ies'}, "
+               f"{facts['bytes'] / 2**20:.1f} MB of {facts['max_bytes'] / 2**20:.0f} MB"
+               + (f", {facts['temporaries']} leftover temporary file(s)" if facts["temporaries"] else ""))
+
+
+@cache_group.command("clear")
+def cache_clear():
+    """Remove every cached model (and leftover temporaries); other files are left alone."""
+    from .cache import default_cache_dir
+    from .cache_limits import clear
+    folder = default_cache_dir()
+    count, freed = clear(folder)
+    click.echo(f"removed {count} cached model(s), {freed / 2**20:.1f} MB, from {folder}")
+
+
 def _initializers(proto) -> set[str]:
     return {init.name for init in proto.graph.initializer}
 
@@ -266,8 +330,11 @@ def _initializers(proto) -> set[str]:
 def _target(text: str | None, class_names):
     if text is None:
         return None
-    if text.lstrip("-").isdigit():
-        return int(text)
+    if re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        value = int(text)
+        if value < 0:
+            raise OnnxcamError(f"--target {text!r} must be a class index >= 0 or a class name")
+        return value
     names = class_names or []
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:

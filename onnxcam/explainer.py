@@ -202,6 +202,9 @@ class Explainer:
         if x.dtype.kind not in "fiu":
             raise OnnxcamError(f"input must be a numeric array, got dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise OnnxcamError("input holds NaN or infinite values (or values beyond float32); "
+                               "replace them before explaining")
         shape = self.model.input.shape
         if shape is not None:
             if x.ndim != len(shape):

@@ -58,13 +58,27 @@ def find_logits(model, probabilities: bool = False, output: str | None = None) -
     name = output or view.output_names[0]
     if probabilities:
         return name
-    current = name
-    while current in view.producer and view.producer[current].op_type in _PASS_THROUGH:
-        current = view.producer[current].input[0]
+    current = _before_passes(view.producer, name)
     node = view.producer.get(current)
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0]
-    return name
+        return _before_passes(view.producer, node.input[0])
+    return name if current == name or node is None else current
+
+
+def _before_passes(made_by: dict, name: str) -> str:
+    """Walk up through Identity/Dropout and quantize-dequantize pairs: a quantized model's output
+    QDQ pair only rounds the scores (and would clamp the top logit, whose gradient is then zero)."""
+    current = name
+    while current in made_by:
+        node = made_by[current]
+        if node.op_type in _PASS_THROUGH:
+            current = node.input[0]
+        elif (node.op_type == "DequantizeLinear" and node.input[0] in made_by
+              and made_by[node.input[0]].op_type == "QuantizeLinear"):
+            current = made_by[node.input[0]].input[0]
+        else:
+            break
+    return current
 
 
 def add_target_head(proto: onnx.ModelProto, logits: str, view: GraphView | None = None) -> str:
@@ -76,6 +90,8 @@ def add_target_head(proto: onnx.ModelProto, logits: str, view: GraphView | None 
     b = GraphBuilder(view.names(), "onnxcam_head/", view.opset)
     w_dims = ["batch"] + [d if d else f"onnxcam_d{i}" for i, d in enumerate(shape[1:] if shape else [None], 1)]
     graph.input.append(helper.make_tensor_value_info(b.reserve(TARGET_WEIGHTS), TensorProto.FLOAT, w_dims))
+    if view.elem_type(logits) not in (TensorProto.FLOAT, 0):  # float16/double: score in float32
+        logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
     weights = TARGET_WEIGHTS
     if rank == 2:  # classifier: zero rows mean arg-max
         if shape is not None and shape[1]:
