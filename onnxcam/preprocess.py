@@ -23,6 +23,17 @@ LAYOUTS = ("NCHW", "NHWC")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+# The usual conventions, x = (pixel * scale - mean) / std per channel (``--preset NAME``).
+PRESETS: dict[str, dict] = {
+    "imagenet": dict(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color="RGB"),
+    "tf": dict(scale=1 / 127.5, mean=(1.0, 1.0, 1.0), std=(1.0, 1.0, 1.0), color="RGB"),   # [-1, 1]
+    "caffe": dict(scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), color="BGR"),
+    "paddle": dict(scale=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), color="RGB"),  # [-1, 1]
+    "raw": dict(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="RGB"),          # 0-255
+    "unit": dict(scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="RGB"),     # 0-1
+}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a photo becomes the model's input tensor."""
@@ -32,6 +43,13 @@ class Preprocessing:
     scale: float = 1.0 / 255.0
     color: str = "RGB"
     layout: str = "NCHW"
+
+    def with_preset(self, name: str) -> "Preprocessing":
+        """This preprocessing with a named convention's scale, mean, std and colour order."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise OnnxcamError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(self, **PRESETS[key])
 
     def explainer_layout(self, input_rank: int | None) -> str | None:
         """The layout the Explainer must use with inputs made by this preprocessing: the images' own for
