@@ -54,6 +54,7 @@ class Explainer:
         self.model: LoadedModel = load_model(model, input)
         self.feeds = InputFeeds(self.model, feeds)
         self.class_axis = class_axis
+        self.output = output
         self._output: ScoredOutput | None = None
         self.provider = provider
         self.grad_backend = grad_backend
@@ -71,8 +72,8 @@ class Explainer:
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
-        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
-                                 threads, probabilities, self.feeds.for_batch)
+        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x, sample: self.forward(x, sample)[0],
+                                 provider, threads, probabilities, self.feeds.for_batch, output)
         # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
         self._needs = {
             GRADIENTS: (self.gradient_session, lambda batch, i: batch.gradients[i]),
@@ -118,13 +119,14 @@ class Explainer:
 
         def build() -> onnx.ModelProto:
             return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
-                                                  self.probabilities).proto
+                                                  self.probabilities, self.output).proto
 
         if not self.cache:
             proto = build()
         else:
             parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
-                     "probabilities": self.probabilities, "training_runtime": ort_training_available()}
+                     "probabilities": self.probabilities, "output": self.output,
+                     "training_runtime": ort_training_available()}
             proto = cached_model(parts, self.model.proto, build)
         return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
                                                   self.tensors)
@@ -138,7 +140,7 @@ class Explainer:
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
-            augmented = build_forward_model(self.model, self.tensors, self.probabilities)
+            augmented = build_forward_model(self.model, self.tensors, self.probabilities, self.output)
             self._forward_model = (augmented, Runner(augmented.proto, augmented.output_names,
                                                      self.provider, self.threads))
         return self._forward_model
@@ -218,13 +220,14 @@ class Explainer:
             raise OnnxcamError("the input batch is empty")
         return x
 
-    def forward(self, x: np.ndarray) -> list[np.ndarray]:
+    def forward(self, x: np.ndarray, sample: int | None = None) -> list[np.ndarray]:
         """The scored output in canonical (N, K, *positions) order, then the activations of the chosen
-        nodes; no gradients. A model with a fixed batch runs in pieces of it."""
+        nodes; no gradients. A model with a fixed batch runs in pieces of it. ``sample``: every row of
+        ``x`` stands for that input (the other inputs take its row)."""
         out = self.scored_output(x)
         augmented, runner = self.forward_session()
-        outputs = run_in_pieces(runner.run, self._batched(augmented, x), [out.batch_axis] + [0] * len(self.nodes),
-                                self.feeds.fixed_batch)
+        outputs = run_in_pieces(runner.run, self._batched(augmented, x, sample),
+                                [out.batch_axis] + [0] * len(self.nodes), self.feeds.fixed_batch)
         return [out.canonical(outputs[0]), *outputs[1:]]
 
     def _run_forward(self, x: np.ndarray) -> list[np.ndarray]:
@@ -232,10 +235,10 @@ class Explainer:
         augmented, runner = self.forward_session()
         return runner.run({name: array for name, (array, _) in self._batched(augmented, x).items()})
 
-    def _batched(self, augmented: AugmentedModel, x: np.ndarray, **extra) -> dict:
+    def _batched(self, augmented: AugmentedModel, x: np.ndarray, sample: int | None = None, **extra) -> dict:
         """Feeds for a run over batch ``x``: name -> (array, its batch axis)."""
         feeds = {augmented.input_name: (x, 0)}
-        feeds.update({name: (array, 0) for name, array in self.feeds.for_batch(len(x)).items()})
+        feeds.update({name: (array, 0) for name, array in self.feeds.for_batch(len(x), sample).items()})
         feeds.update(extra)
         return feeds
 

@@ -136,22 +136,22 @@ def _check_tensors_exist(view: GraphView, tensors: list[str]) -> None:
                            "list valid nodes with `onnxcam nodes MODEL`")
 
 
-def build_forward_model(model: LoadedModel, activations: list[str],
-                        probabilities: bool = False) -> AugmentedModel:
+def build_forward_model(model: LoadedModel, activations: list[str], probabilities: bool = False,
+                        output: str | None = None) -> AugmentedModel:
     """Forward-only model exposing the logits and the chosen activations (CAM, EigenCAM, Score-CAM)."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(model.view, probabilities)
+    logits = find_logits(model.view, probabilities, output)
     set_outputs(proto, [logits, *activations], model.view)
     return AugmentedModel(proto, model.input.name, logits, list(activations), [], None)
 
 
 def build_gradient_augmented_model(model: LoadedModel, activations: list[str], backend: str = "auto",
-                                   probabilities: bool = False) -> AugmentedModel:
+                                   probabilities: bool = False, output: str | None = None) -> AugmentedModel:
     """The one augmented model: logits, activations and d score / d activations in one run."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(model.view, probabilities)
+    logits = find_logits(model.view, probabilities, output)
     score = add_target_head(proto, logits, model.view)
     set_outputs(proto, [logits, *activations], model.view)
     proto, used = build_gradient_model(proto, score, list(activations), backend)
