@@ -20,9 +20,9 @@ METHODS = ["gradcam", "layercam", "hirescam", "scorecam"]
 TOLERANCE = 1e-4   # final maps in [0, 1]; measured differences are ~1e-6
 
 
-def export(module, examples, path, input_names, output_names, dynamic_axes=None):
+def export(module, examples, path, input_names, output_names, dynamic_axes=None, opset=17):
     module.eval()
-    torch.onnx.export(module, tuple(examples), str(path), dynamo=False, opset_version=17,
+    torch.onnx.export(module, tuple(examples), str(path), dynamo=False, opset_version=opset,
                       input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
     return path
 
@@ -230,3 +230,109 @@ def test_static_batch_one_export_explains_a_batch_of_three(tmp_path, method):
     if method != "eigencam":
         expected = torch_oracle.reference_maps(method, HeadA(), net.features, x, [0, 4, 2])
         np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)
+
+
+# ---- shapes only known at run time: the model is specialised to the batch's shape --------------
+
+def tf2onnx_flatten_model():
+    """A tf2onnx-style NHWC graph whose Flatten is Shape -> Gather -> Unsqueeze -> Concat -> Reshape:
+    shape inference cannot tell the rank of the flattened tensor, so the backward graph is built for
+    the batch's shape. Returns the model and a torch twin with the same weights."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = rng.normal(scale=0.3, size=(8, 3, 3, 3)).astype(np.float32)
+    b = (rng.normal(size=8) * 0.1).astype(np.float32)
+    fc = rng.normal(scale=0.05, size=(16 * 16 * 8, 5)).astype(np.float32)
+    fb = rng.normal(size=5).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for v, n in [(w, "conv/W"), (b, "conv/B"), (fc, "dense/W"),
+             (fb, "dense/B"), (np.array(0, np.int64), "zero"), (np.array([0], np.int64), "axis0"),
+             (np.array([-1], np.int64), "minus_one")]]
+    nodes = [helper.make_node("Transpose", ["input_1"], ["nchw"], perm=[0, 3, 1, 2], name="model/conv/Conv2D__6"),
+             helper.make_node("Conv", ["nchw", "conv/W", "conv/B"], ["conv"], pads=[1, 1, 1, 1], name="model/conv/Conv2D"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="model/conv/Relu"),
+             helper.make_node("Transpose", ["relu"], ["features"], perm=[0, 2, 3, 1], name="model/conv/Relu__9"),
+             helper.make_node("Shape", ["features"], ["shape"], name="model/flatten/Shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0, name="model/flatten/strided_slice"),
+             helper.make_node("Unsqueeze", ["batch", "axis0"], ["batch_1"], name="model/flatten/Unsqueeze"),
+             helper.make_node("Concat", ["batch_1", "minus_one"], ["new_shape"], axis=0, name="model/flatten/shape"),
+             helper.make_node("Reshape", ["features", "new_shape"], ["flat"], name="model/flatten/Reshape"),
+             helper.make_node("MatMul", ["flat", "dense/W"], ["matmul"], name="model/dense/MatMul"),
+             helper.make_node("Add", ["matmul", "dense/B"], ["logits"], name="model/dense/BiasAdd")]
+    graph = helper.make_graph(nodes, "tf2onnx", [helper.make_tensor_value_info("input_1", TensorProto.FLOAT,
+                                                                                ["unk__1", 16, 16, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["unk__2", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.relu = torch.nn.ReLU()
+            self.dense = torch.nn.Linear(16 * 16 * 8, 5)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.from_numpy(w))
+                self.conv.bias.copy_(torch.from_numpy(b))
+                self.dense.weight.copy_(torch.from_numpy(fc.T.copy()))
+                self.dense.bias.copy_(torch.from_numpy(fb))
+
+        def forward(self, nhwc):
+            a = self.relu(self.conv(nhwc.permute(0, 3, 1, 2)))
+            return self.dense(a.permute(0, 2, 3, 1).reshape(len(nhwc), -1))
+
+    return model, Twin().eval()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "xgradcam"])
+def test_tf2onnx_flatten_through_shape_ops_equals_torch(method, tmp_path):
+    model, twin = tf2onnx_flatten_model()
+    x = np.random.default_rng(7).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    explainer = Explainer(model, "features", grad_backend="portable")
+    result = explainer.explain(x, method=method, targets=[1, 4])
+    A, G, _ = torch_oracle.activations_and_gradients(twin, twin.relu, x, [1, 4])
+    expected = torch_oracle.final_maps([torch_oracle.layer_map(method, A, G)], (16, 16))
+    np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)
+    path = tmp_path / "tf.onnx"
+    onnx.save(model, str(path))
+    np.save(tmp_path / "x.npy", x[0])
+    cli = CliRunner().invoke(main, ["explain", str(path), str(tmp_path / "x.npy"), "--node", "features",
+                                    "--method", method, "--target", "1", "--out", str(tmp_path / "o")])
+    assert cli.exit_code == 0, cli.output
+    np.testing.assert_allclose(np.load(tmp_path / "o" / f"x_{method}.npy"), expected[0], atol=TOLERANCE)
+
+
+class Upsampler(torch.nn.Module):
+    """A DBNet-like text-detection head: strided conv down, ConvTranspose back up to a per-pixel map."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.up = torch.nn.ConvTranspose2d(8, 2, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(self.features(x))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_opset12_free_height_width_convtranspose_head_with_a_mask(tmp_path, size, method):
+    net = Upsampler().eval()
+    path = export(net, [torch.zeros(1, 3, 32, 32)], tmp_path / "det.onnx", ["x"], ["prob_map"],
+                  {"x": {0: "n", 2: "h", 3: "w"}, "prob_map": {0: "n", 2: "h", 3: "w"}}, opset=12)
+    assert onnx.load(str(path)).opset_import[0].version == 12
+    x = np.random.default_rng(8).normal(size=(2, 3, *size)).astype(np.float32)
+    mask = np.zeros(size, np.float32)
+    mask[4:12, 8:20] = 1
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, image):
+            return (self.net(image) * torch.from_numpy(mask)).sum((2, 3))
+
+    explainer = Explainer(str(path), "features", grad_backend="portable", input_shape=(1, 3, *size))
+    result = explainer.explain(x, method, targets=1, target_mask=mask)
+    expected = torch_oracle.reference_maps(method, Masked(), net.features, x, [1, 1])
+    np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)
