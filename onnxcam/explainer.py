@@ -68,7 +68,8 @@ class Explainer:
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
-        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates) for spec in specs]
+        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates, self.logits_name)
+                                      for spec in specs]
         self._gradient_models: dict[tuple | None, AugmentedModel] = {}   # None: for every input shape
         self._gradient_runners: dict[tuple | None, Runner] = {}
         self._generic_failure: OnnxcamError | None = None
@@ -222,8 +223,22 @@ class Explainer:
 
     def check_method(self, method: str) -> None:
         """Raise OnnxcamError when ``method`` cannot run on this model and node."""
-        for need in get_method(method).needs:
+        spec = get_method(method)
+        if spec.needs:
+            self._check_nodes_feed_the_output(spec.name)
+        for need in spec.needs:
             self._needs[need][0]()
+
+    def _check_nodes_feed_the_output(self, method: str) -> None:
+        """A node the scored output does not depend on has a zero gradient and no effect on the score:
+        say so instead of drawing an empty map."""
+        upstream = self.model.view.ancestors(self.logits_name)
+        for node in self.nodes:
+            if node.tensor not in upstream:
+                raise OnnxcamError(f"node {node.name or node.tensor} does not feed the scored output "
+                                   f"{self.logits_name!r}, so {method} has nothing to measure there; pick a "
+                                   "node that does (`onnxcam nodes MODEL` marks the others with x), or use "
+                                   "--method eigencam")
 
     def _check_classifier_heads(self) -> None:
         for node in self.nodes:
@@ -290,6 +305,8 @@ class Explainer:
         """
         start = time.perf_counter()
         spec = get_method(method)
+        if spec.needs:
+            self._check_nodes_feed_the_output(spec.name)
         x = self.check_input(x)
         n = x.shape[0]
         wanted = checked_targets(targets, n, self.num_classes(x)) if targets is not None else None

@@ -237,6 +237,19 @@ class GraphView:
         value = results[list(node.output).index(name)]
         return value if isinstance(value, np.ndarray) and value.size <= FOLD_LIMIT else None
 
+    def ancestors(self, name: str) -> set[str]:
+        """Every tensor ``name`` depends on, itself included (walked back through producers)."""
+        seen, todo = {name}, [name]
+        while todo:
+            node = self.producer.get(todo.pop())
+            if node is None:
+                continue
+            for source in list(node.input) + sorted(subgraph_inputs(node)):
+                if source and source not in seen:
+                    seen.add(source)
+                    todo.append(source)
+        return seen
+
     # ---- names ---------------------------------------------------------------------------------
     def names(self) -> set[str]:
         """Every name the graph uses (tensors, nodes, initializers, value infos)."""

@@ -336,3 +336,96 @@ def test_opset12_free_height_width_convtranspose_head_with_a_mask(tmp_path, size
     result = explainer.explain(x, method, targets=1, target_mask=mask)
     expected = torch_oracle.reference_maps(method, Masked(), net.features, x, [1, 1])
     np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)
+
+
+# ---- sensible defaults, or a word when there are none ---------------------------------------------
+
+class SideBranch(torch.nn.Module):
+    """A classifier with an auxiliary pooled branch that only feeds a second output: the branch's
+    pooling comes last in the graph (the old default's pick), yet it gives nothing for the first output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8, 5)
+        self.aux = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3))), self.aux(x).mean((2, 3))
+
+
+@pytest.fixture(scope="module")
+def side_branch(tmp_path_factory):
+    path = tmp_path_factory.mktemp("side") / "side.onnx"
+    return export(SideBranch(), [torch.zeros(1, 3, 16, 16)], path, ["image"], ["logits", "aux_scores"],
+                  {"image": {0: "n"}, "logits": {0: "n"}, "aux_scores": {0: "n"}})
+
+
+def test_default_node_feeds_the_scored_output_and_the_table_marks_the_others(side_branch):
+    explainer = Explainer(str(side_branch))
+    assert explainer.nodes[0].scope.startswith("features")
+    assert Explainer(str(side_branch), output="aux_scores").nodes[0].scope.startswith("aux")
+    result = CliRunner().invoke(main, ["nodes", str(side_branch)])
+    assert result.exit_code == 0, result.output
+    aux_rows = [line for line in result.output.splitlines() if line.startswith("x ") and "/aux/" in line]
+    assert len(aux_rows) == 2            # its Conv and Relu
+    assert "x does not feed the model's first output" in result.output
+
+
+def test_a_node_off_the_scored_path_is_an_error_not_a_blank_map(side_branch):
+    explainer = Explainer(str(side_branch), "aux")
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    with pytest.raises(OnnxcamError, match=r"does not feed the scored output 'logits', so gradcam has nothing"):
+        explainer.explain(x, "gradcam")
+    assert explainer.explain(x, "eigencam").maps.shape == (1, 16, 16)   # needs no target
+
+
+def test_notices_for_a_blank_map_a_preprocessing_fallback_and_skipped_methods(tmp_path):
+    """A linear model whose class-0 evidence is negative everywhere: Grad-CAM is all zero, and says why."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    fc = numpy_helper.from_array(np.array([[-1.0, 1.0], [-1.0, 1.0]], np.float32), "fc")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["conv"], name="conv"),
+         helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+         helper.make_node("Flatten", ["pool"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "fc"], ["logits"])],
+        "negative", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], [w, fc])
+    path = tmp_path / "negative.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    import cv2
+    cv2.imwrite(str(tmp_path / "photo.png"), np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8))
+    result = CliRunner().invoke(main, ["explain", str(path), str(tmp_path / "photo.png"), "--target", "0",
+                                       "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+    summary = json.loads(result.stdout)
+    assert summary["results"][0]["notice"].startswith(
+        "the map is zero everywhere: the evidence for class 0 at node relu is negative everywhere")
+    assert any("no preprocessing metadata" in n for n in summary["notices"])
+    assert "notice: " in result.stderr and "negative everywhere" in result.stderr
+    everything = CliRunner().invoke(main, ["explain", str(path), str(tmp_path / "photo.png"), "--method", "all",
+                                           "--preset", "imagenet", "--out", str(tmp_path / "o2"), "--json"])
+    assert everything.exit_code == 0, everything.output
+    notices = json.loads(everything.stdout)["notices"]
+    assert not any("preprocessing" in n for n in notices)   # --preset given: no fallback
+    assert [n for n in notices if n.startswith("--method all skips")] == []   # every method applies here
+
+
+def test_size_sets_the_length_of_a_signal_model_with_a_symbolic_length(tmp_path):
+    """--size L for rank-3 inputs (the symbolic-axes error tells the user to pass it)."""
+    net = TimeMajor()
+    path = export(net, [torch.zeros(1, 2, 32)], tmp_path / "free_length.onnx", ["signal"], ["scores"],
+                  {"signal": {0: "batch", 2: "length"}, "scores": {0: "length", 1: "batch"}})
+    np.save(tmp_path / "s.npy", np.random.default_rng(9).normal(size=(2, 40)).astype(np.float32))
+    base = ["explain", str(path), str(tmp_path / "s.npy"), "--node", "features", "--target", "1"]
+    without = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a")])
+    assert without.exit_code == 1 and "--size" in without.stderr
+    result = CliRunner().invoke(main, [*base, "--size", "40", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "b" / "s_gradcam.npy").shape == (40,)
+    wrong = CliRunner().invoke(main, [*base, "--size", "40,40", "--out", str(tmp_path / "c")])
+    assert wrong.exit_code == 1 and "has 1 spatial axes; give L" in wrong.stderr
