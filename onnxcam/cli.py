@@ -15,6 +15,7 @@ import click
 from .cli_io import model_io_options, read_feeds
 from .errors import OnnxcamError
 from .gradients import BACKENDS
+from .methods import METHODS
 from .runtime import PROVIDERS
 
 PROGRESS_MIN_TOTAL = 64
@@ -161,7 +162,7 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
               help="Node to explain: node name, output tensor, module scope (layer4), scope/op "
                    "(/layer4/Relu), Keras layer name, or auto. Repeat to fuse several layers.")
 @click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam, cam, or all.")
+              help=f"{', '.join(METHODS)}, or all (every method that applies).")
 @click.option("--target", help="Class to explain (index or class name); default: the top class.")
 @click.option("--top-k", type=int, help="Explain each of the K top classes (one map per class).")
 @click.option("--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
@@ -397,7 +398,6 @@ def _target(text: str | None, class_names):
 def applicable_methods(explainer, with_reasons: bool = False):
     """Every method that can run on this model and node (for --method all); with_reasons: also the
     (method, why) pairs of those that cannot."""
-    from .methods import METHODS
     chosen, skipped = [], []
     for name in METHODS:
         try:
