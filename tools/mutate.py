@@ -136,7 +136,15 @@ MUTATIONS = [
       ("tests/test_portable_rules.py",)),
     M("gemm-transB-ignored", "gradient rules", "onnxcam/gradients/rules/linear.py",
       "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1 - tb)",
-      "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1)", ("tests/test_portable_rules.py",)),
+      "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1)", ("tests/test_portable_rules.py",),
+      training=True),
+    # canonicalisation for onnxruntime-training's gradient builder
+    M("batchnorm-fold-without-epsilon", "gradient rules", "onnxcam/canonicalize.py",
+      "scale_values = g / np.sqrt(v + eps)", "scale_values = g / np.sqrt(v)",
+      ("tests/test_canonicalize.py", "tests/test_ort_training.py"), training=True),
+    M("dropout-kept-in-training-graph", "gradient rules", "onnxcam/canonicalize.py",
+      'nodes = [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=rw.name(node, "Identity"))]',
+      "return None", ("tests/test_canonicalize.py", "tests/test_ort_training.py"), training=True),
 ]
 
 
@@ -158,9 +166,13 @@ def run_tests(copy: Path, python: str, tests: tuple[str, ...]) -> tuple[int, flo
     env = dict(os.environ, PYTHONPATH=str(copy))
     env.pop("ONNXCAM_CACHE_DIR", None)
     start = time.time()
-    done = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=copy,
-                          env=env, capture_output=True, text=True)
-    tail = (done.stdout.strip().splitlines() or [""])[-1]
+    done = subprocess.run([python, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests],
+                          cwd=copy, env=env, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines() or [""]
+    failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
+    tail = lines[-1].strip("= ")
+    if failed:
+        tail = f"{failed[0].split('/')[-1]}: {tail}"
     return done.returncode, time.time() - start, tail
 
 
@@ -181,6 +193,11 @@ def main() -> int:
         tests = tuple(sorted({t for m in chosen for t in m.tests}))
         rc, seconds, tail = run_tests(base, pythons["onnxruntime"], tests)
         print(f"baseline ({len(tests)} test files): rc={rc} {tail} [{seconds:.0f} s]", file=sys.stderr)
+        training_tests = tuple(sorted({t for m in chosen if m.training for t in m.tests}))
+        if rc == 0 and training_tests and "ort-training" in pythons:
+            rc, seconds, tail = run_tests(base, pythons["ort-training"], training_tests)
+            print(f"baseline ort-training ({len(training_tests)} test files): rc={rc} {tail} [{seconds:.0f} s]",
+                  file=sys.stderr)
         if rc != 0:
             print("the unmutated copy fails; fix the suite first", file=sys.stderr)
             return 1
