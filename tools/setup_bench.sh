@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv-bench for tools/bench.py (and tests/test_pytorch_gradcam.py): onnxcam next to pytorch-grad-cam (grad-cam 1.5.7 needs
-# torchvision, which the main environment must not carry), so both explain the same weights in one run.
+# Set up .venv-bench for tools/bench.py and tests/test_pytorch_gradcam.py: onnxcam next to pytorch-grad-cam
+# (grad-cam 1.5.7 needs torchvision, which the main environment must not carry), so both explain the same
+# weights in one run.
 # torch/torchvision are pinned to the releases this machine holds on disk (several GB: a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
