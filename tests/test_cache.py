@@ -116,7 +116,10 @@ def test_unwritable_dir_disables_caching(tmp_path):
 def test_test_cache_is_keyed_by_the_source():
     """The suite's cache folder is named by a digest of onnxcam's sources (tests/conftest.py)."""
     import conftest
-    assert Path(os.environ["ONNXCAM_CACHE_DIR"]).name == conftest._source_digest()
+    folder = conftest._test_cache_dir()
+    assert folder.name == conftest._source_digest() and folder.parent.name == "onnxcam-tests"
+    if Path(os.environ["ONNXCAM_CACHE_DIR"]).parent == folder.parent:     # not overridden by the user
+        assert Path(os.environ["ONNXCAM_CACHE_DIR"]) == folder
 
 
 def test_cache_dir_that_is_a_file_disables_caching(tmp_path):
