@@ -107,7 +107,7 @@ PANEL_W, PANEL_H, MARGIN = 420, 320, 48
 MEAN_COLOUR, BAND_COLOUR = (31, 119, 180), (174, 199, 232)    # RGB
 
 
-def _panel(title: str, fractions, mean, std) -> np.ndarray:
+def _panel(title: str, verb: str, fractions, mean, std) -> np.ndarray:
     image = np.full((PANEL_H, PANEL_W, 3), 255, np.uint8)
     x0, y0, x1, y1 = MARGIN, 30, PANEL_W - 16, PANEL_H - MARGIN
 
@@ -125,7 +125,7 @@ def _panel(title: str, fractions, mean, std) -> np.ndarray:
         fx, fy = point(tick, tick)
         cv2.putText(image, f"{tick:g}", (fx - 8, y1 + 16), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(image, f"{tick:g}", (x0 - 28, fy + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(image, "fraction of pixels perturbed", (x0 + 60, PANEL_H - 12), font, 0.45, (0, 0, 0), 1,
+    cv2.putText(image, f"fraction of pixels {verb}", (x0 + 90, PANEL_H - 12), font, 0.45, (0, 0, 0), 1,
                 cv2.LINE_AA)
     cv2.putText(image, title, (x0, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return image
@@ -140,6 +140,7 @@ def curves_picture(totals: MethodTotals) -> np.ndarray | None:
             continue
         fractions, mean, std = curve
         auc = float(((mean[1:] + mean[:-1]) * 0.5 * np.diff(fractions)).sum())
-        panels.append(_panel(f"{totals.method} {name}: mean p, AUC {auc:.3f} (n={totals.n})",
+        panels.append(_panel(f"{totals.method} {name}: mean +- std, AUC {auc:.3f} (n={totals.n})",
+                             "deleted" if name == "deletion" else "inserted",
                              fractions, mean, std))
     return np.concatenate(panels, axis=1) if panels else None
