@@ -27,7 +27,7 @@ def evaluated(tmp_path_factory):
                                        "--method", "all", "--metrics", "localisation", "--batch-size", "64",
                                        "--json", "--csv", str(rows_csv)])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output), list(csv.DictReader(rows_csv.open())), boxes_csv
+    return json.loads(result.stdout), list(csv.DictReader(rows_csv.open())), boxes_csv
 
 
 def test_every_method_reports_pointing_game_and_loc(evaluated):
