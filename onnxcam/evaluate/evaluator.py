@@ -139,9 +139,11 @@ class Evaluator:
         deletion[:, 0] = p
         insertion[:, -1] = p
         jobs = curve_jobs(n, counts)
+        buffer = None
         for lo in range(0, len(jobs), self.batch_size):
             chunk = jobs[lo:lo + self.batch_size]
-            batch = perturbed_batch(chunk, flat_x, flat_base, ranks).reshape(len(chunk), channels, *spatial)
+            buffer = perturbed_batch(chunk, flat_x, flat_base, ranks, buffer if lo else None)
+            batch = buffer.reshape(len(chunk), channels, *spatial)
             scores = self._score(batch, targets[[job.sample for job in chunk]])
             for job, score in zip(chunk, scores):
                 if job.curve == ALL_BASELINE:

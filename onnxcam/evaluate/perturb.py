@@ -66,11 +66,17 @@ def curve_jobs(n: int, counts: np.ndarray) -> list[Job]:
     return jobs
 
 
-def perturbed_batch(jobs: list[Job], x: np.ndarray, baseline: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+def perturbed_batch(jobs: list[Job], x: np.ndarray, baseline: np.ndarray, ranks: np.ndarray,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """(len(jobs), C, P): deletion keeps the input except its top ``count`` positions; insertion
-    keeps the baseline except those; the all-baseline job is the baseline."""
-    samples = np.asarray([j.sample for j in jobs])
-    counts = np.asarray([j.count for j in jobs])
-    relevant = ranks[samples] < counts[:, None]                          # (B, P)
-    keep_input = np.where(np.asarray([j.curve == INSERTION for j in jobs])[:, None], relevant, ~relevant)
-    return np.where(keep_input[:, None, :], x[samples], baseline[samples])
+    keeps the baseline except those; the all-baseline job is the baseline. Values are copied, never
+    blended, so each element is exactly the input's or the baseline's. ``out`` (reused between
+    batches) saves an allocation per batch."""
+    shape = (len(jobs), *x.shape[1:])
+    out = np.empty(shape, x.dtype) if out is None or out.shape[0] < len(jobs) else out[:len(jobs)]
+    for row, job in zip(out, jobs):
+        relevant = ranks[job.sample] < job.count                         # (P,)
+        keep, fill = (baseline, x) if job.curve == INSERTION else (x, baseline)
+        row[...] = keep[job.sample]
+        np.copyto(row, fill[job.sample], where=relevant[None, :])
+    return out
