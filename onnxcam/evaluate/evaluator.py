@@ -69,6 +69,7 @@ class Evaluator:
         self.max_channels = max_channels
         self.progress = progress           # callable(number of inputs just scored), or None
         self.forward_rows = 0              # perturbed inputs scored so far (for the floor in benches)
+        self.last_maps: np.ndarray | None = None   # the top-class maps of the last evaluate() call
 
     @property
     def needs_boxes(self) -> bool:
@@ -83,7 +84,10 @@ class Evaluator:
 
     # ---- running ------------------------------------------------------------------------------
     def evaluate(self, x, method: str, truths: list[GroundTruth | None] | None = None) -> list[SampleResult]:
-        """Per-input results for ``method`` on the batch ``x`` (maps of the top class)."""
+        """Per-input results for ``method`` on the batch ``x`` (maps of the top class).
+
+        ``truths``: one GroundTruth (or None) per input, for the localisation metrics. The whole of
+        ``x`` and its baseline are held at once: pass batches (as ``onnxcam evaluate`` does)."""
         x = self.explainer.check_input(x)
         explanation = self.explainer.explain(x, method=method, batch_size=self.batch_size,
                                              max_channels=self.max_channels)
