@@ -70,6 +70,7 @@ class SmallNet(torch.nn.Module):
         self.head = torch.nn.Linear(16, 6)
         with torch.no_grad():
             self.head.weight.mul_(12.0)      # confident predictions, so the curves and AD move
+            self.head.bias[0] += 1.5         # class 0 wins on faint inputs: masking can raise confidence
 
     def forward(self, x):
         return self.head(self.features(x).mean(dim=(2, 3)))
@@ -81,6 +82,7 @@ def small_net(tmp_path_factory):
     net = SmallNet().eval()
     path = torch_export.export_legacy(net, torch.zeros(1, 3, 32, 32), tmp_path_factory.mktemp("net") / "net.onnx")
     x = np.random.default_rng(1).normal(size=(10, 3, 32, 32)).astype(np.float32)
+    x *= np.linspace(0.5, 2.0, len(x), dtype=np.float32)[:, None, None, None]    # faint to strong inputs
     return net, path, x
 
 
@@ -92,6 +94,7 @@ def test_small_net_matches_torchcam(small_net, method, baseline):
     ours, maps = onnxcam_scores(evaluator, x, method)
     theirs = torchcam_scores(net, x, maps, 20, lambda t: torch.from_numpy(make_baseline(t.numpy(), baseline)))
     assert_same(ours, theirs)
+    assert 0 < ours["increase_in_confidence"] < 100 and ours["average_drop"] > 1   # neither metric is trivial
 
 
 def test_efficientnet_matches_torchcam(efficientnet_onnx, efficientnet_torch, photos):
