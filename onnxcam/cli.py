@@ -93,10 +93,12 @@ def _input_options(command):
     return command
 
 
-def _explainer(loaded, node_specs, preprocessing, provider, grad_backend, probabilities, no_cache):
+def _explainer(loaded, node_specs, preprocessing, layout, provider, grad_backend, probabilities, no_cache):
+    """The Explainer explain and evaluate build from their flags (``layout``: the --layout flag)."""
     from .explainer import Explainer
     return Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                     layout=preprocessing.layout, probabilities=probabilities,
+                     layout=layout or preprocessing.explainer_layout(loaded.input.rank),
+                     probabilities=probabilities,
                      input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
 
 
@@ -181,7 +183,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     paths = collect_inputs(list(inputs))
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
-    explainer = _explainer(loaded, node_specs, preprocessing, provider, grad_backend, probabilities, no_cache)
+    explainer = _explainer(loaded, node_specs, preprocessing, layout, provider, grad_backend, probabilities,
+                           no_cache)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
@@ -268,7 +271,7 @@ def evaluate(model, inputs, method_names, node_specs, metric_list, boxes_path, s
     plots = outputs.prepare_dir(plots_dir) if plots_dir else None
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
-    explainer = _explainer(loaded, node_specs, preprocessing, provider, grad_backend, False, no_cache)
+    explainer = _explainer(loaded, node_specs, preprocessing, layout, provider, grad_backend, False, no_cache)
     names = list(method_names) or ["gradcam"]
     methods = applicable_methods(explainer) if "all" in names else []
     for name in names:
@@ -347,7 +350,8 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
         raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
+                          layout=preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
                           input_shape=preprocessing.probe_shape(loaded.input.shape))
     augmented = explainer.augmented_gradient_model()
     data = augmented.proto.SerializeToString()

@@ -4,7 +4,6 @@ never leaves a half-written PNG, and an input file is never overwritten.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -63,7 +62,3 @@ def write_npy(path, array: np.ndarray, protected=frozenset()) -> Path:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return write_bytes_atomic(path, buffer.getvalue(), protected)
-
-
-def write_json(path, payload, protected=frozenset()) -> Path:
-    return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode(), protected)

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import layouts
 from .errors import OnnxcamError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -27,13 +28,17 @@ class Preprocessing:
     color: str = "RGB"
     layout: str = "NCHW"
 
+    def explainer_layout(self, input_rank: int | None) -> str | None:
+        """The layout the Explainer must use with inputs made by this preprocessing: the images' own for
+        a rank-4 (image) model, else None (arrays come in the model's layout, which layouts.py reads)."""
+        return self.layout if input_rank == 4 else None
+
     @classmethod
     def from_metadata(cls, metadata: dict | None, input_shape: tuple | None = None) -> "Preprocessing":
         """Metadata values when present, else what the input shape says (layout, static size)."""
         base = cls()
-        layout = guess_layout(input_shape)
-        if layout:
-            base = replace(base, layout=layout)
+        if input_shape is not None and len(input_shape) == 4:   # images: the one layout guesser decides
+            base = replace(base, layout="NHWC" if layouts.input_layout(input_shape) == layouts.LAST else "NCHW")
         size = static_size(input_shape, base.layout)
         if size:
             base = replace(base, size=size)
@@ -98,18 +103,6 @@ def _int_pair(value) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
-def guess_layout(shape: tuple | None) -> str | None:
-    """NCHW or NHWC from a rank-4 input shape: the axis holding 1, 3 or 4 channels says which."""
-    if shape is None or len(shape) != 4:
-        return None
-    first, last = shape[1], shape[3]
-    if isinstance(first, int) and first in (1, 3, 4):
-        return "NCHW"
-    if isinstance(last, int) and last in (1, 3, 4):
-        return "NHWC"
-    return None
-
-
 def static_size(shape: tuple | None, layout: str) -> tuple[int, int] | None:
     if shape is None or len(shape) != 4:
         return None
@@ -120,15 +113,24 @@ def static_size(shape: tuple | None, layout: str) -> tuple[int, int] | None:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); a one-line error for a missing or non-image file."""
+    """RGB uint8 (H, W, 3); a one-line error for a missing or non-image file.
+
+    Grayscale images give three equal channels; an alpha channel is dropped (as PIL's
+    ``convert("RGB")`` does); 16-bit images are scaled to 8 bits with rounding (v * 255 / 65535), the
+    same for every format (OpenCV's own 8-bit decoding truncates PNGs but rounds TIFFs)."""
     path = Path(path)
     if not path.exists():
         raise OnnxcamError(f"input {path} does not exist; check the path")
     if path.is_dir():
         raise OnnxcamError(f"input {path} is a directory; pass image files")
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
     if image is None:
         raise OnnxcamError(f"input {path} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); "
                            "pass an image file, or a .npy array for non-image models")
+    if image.dtype == np.uint16:
+        image = np.rint(image / 257.0).astype(np.uint8)        # 65535 / 255 = 257
+    elif image.dtype != np.uint8:
+        raise OnnxcamError(f"input {path} has {image.dtype} pixels; onnxcam reads 8- and 16-bit images, "
+                           "so convert it (or pass a .npy array already preprocessed)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
