@@ -5,11 +5,14 @@ Every OnnxcamError becomes one line on stderr and exit code 1; nothing else is p
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from dataclasses import replace
 
 import click
 
+from .cli_io import model_io_options, read_feeds
 from .errors import OnnxcamError
 from .gradients import BACKENDS
 from .runtime import PROVIDERS
@@ -26,16 +29,49 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise OnnxcamError(f"{name} {text!r} must be numbers separated by commas, e.g. 0.485,0.456,0.406") from exc
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
+def _size_values(text: str | None) -> tuple[int, ...] | None:
+    """--size as 1 to 3 positive ints: L (signals), H,W (images; one number for a square), D,H,W."""
     if text is None:
         return None
     try:
         values = [int(v) for v in text.lower().replace("x", ",").replace(" ", ",").split(",") if v]
     except ValueError as exc:
-        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224") from exc
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224")
+        raise OnnxcamError(f"--size {text!r} must be L, HEIGHT,WIDTH or D,H,W, e.g. 224,224") from exc
+    if len(values) not in (1, 2, 3) or min(values) <= 0:
+        raise OnnxcamError(f"--size {text!r} must be L, HEIGHT,WIDTH or D,H,W, e.g. 224,224")
+    return tuple(values)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """--size for images: (height, width)."""
+    values = _size_values(text)
+    if values is None:
+        return None
+    if len(values) == 3:
+        raise OnnxcamError(f"--size {text!r} has three values (D,H,W) but the model takes images; give HEIGHT,WIDTH")
     return (values[0], values[-1])
+
+
+def _probe_input_shape(loaded, preprocessing, size_text: str | None, layout: str | None):
+    """The batch-1 input shape for the one probe run that measures layer shapes: from the image
+    preprocessing for image models, from --size (L or D,H,W) for signals and volumes."""
+    shape = loaded.input.shape
+    if shape is None or len(shape) == 4:
+        return preprocessing.probe_shape(shape)
+    values = _size_values(size_text)
+    if values is None:
+        return None
+    spatial = len(shape) - 2
+    if len(values) != spatial:
+        raise OnnxcamError(f"--size {size_text!r} gives {len(values)} value(s) but the model's input "
+                           f"{loaded.input.name} has {spatial} spatial axes; give {'L' if spatial == 1 else 'D,H,W'}")
+    from . import layouts
+    channels_first = (layouts.normalize_layout(layout) or layouts.input_layout(shape)) == layouts.FIRST
+    channels = shape[1] if channels_first else shape[-1]
+    if not isinstance(channels, int) or channels <= 0:
+        raise OnnxcamError(f"the channel axis of input {loaded.input.name} is symbolic; onnxcam cannot guess "
+                           "the probe shape")
+    return (1, channels, *values) if channels_first else (1, *values, channels)
 
 
 class _Group(click.Group):
@@ -50,6 +86,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use smaller inputs or --size, a smaller --batch-size, or a "
+                       "lower --max-pixels", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)
@@ -58,9 +98,11 @@ def main():
     """Class activation maps (Grad-CAM, Score-CAM, LayerCAM, ...) for any ONNX model."""
 
 
-def _preprocessing(model, size, mean, std, scale, layout, bgr):
+def _preprocessing(model, size, mean, std, scale, layout, bgr, preset=None):
     from .preprocess import Preprocessing
     base = Preprocessing.from_metadata(model.preprocess, model.input.shape)
+    if preset:
+        base = base.with_preset(preset)
     fields = {}
     if size is not None:
         fields["size"] = size
@@ -93,13 +135,15 @@ def _input_options(command):
     return command
 
 
-def _explainer(loaded, node_specs, preprocessing, layout, provider, grad_backend, probabilities, no_cache):
-    """The Explainer explain and evaluate build from their flags (``layout``: the --layout flag)."""
+def _explainer(loaded, node_specs, preprocessing, size, layout, provider, grad_backend, probabilities,
+               no_cache, feed_specs, output_name, class_axis):
+    """The Explainer that explain and evaluate build from their flags."""
     from .explainer import Explainer
     return Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
                      layout=layout or preprocessing.explainer_layout(loaded.input.rank),
                      probabilities=probabilities,
-                     input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
+                     input_shape=_probe_input_shape(loaded, preprocessing, size, layout), cache=not no_cache,
+                     feeds=read_feeds(feed_specs), output=output_name, class_axis=class_axis)
 
 
 @main.command()
@@ -160,6 +204,10 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @_input_options
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+@click.option("--max-pixels", type=int, default=100_000_000, show_default=True,
+              help="Refuse images whose header declares more pixels (read before decoding; 0: no limit).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first input that cannot be read (default: "
+                                                "report it, skip it, exit 1 at the end).")
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
                                                "from the cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
@@ -167,9 +215,11 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@model_io_options
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask):
+            overwrite, max_pixels, fail_fast, no_cache, labels, target_mask, input_name, feed_specs,
+            output_name, class_axis, preset):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .files import FileExplainer, collect_inputs
     from .methods import get_method
@@ -179,13 +229,34 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--batch-size must be at least 1")
     if top_k is not None and top_k < 1:
         raise OnnxcamError("--top-k must be at least 1")
-    loaded = load_model(model)
+    if max_pixels < 0:
+        raise OnnxcamError("--max-pixels must be 0 (no limit) or a positive pixel count")
+    if max_channels is not None and max_channels < 1:
+        raise OnnxcamError("--max-channels must be at least 1")
+    if not math.isfinite(alpha):
+        raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
+    if scale is not None and not math.isfinite(scale):
+        raise OnnxcamError(f"--scale {scale} must be a finite number")
+    loaded = load_model(model, input=input_name)
+    images = loaded.input.rank in (None, 4)
+    parsed_size = _size(size) if images else None
+    if parsed_size is not None and parsed_size[0] * parsed_size[1] > (max_pixels or 100_000_000):
+        raise OnnxcamError(f"--size {size} is {parsed_size[0] * parsed_size[1] / 1e6:g} megapixels, over the "
+                           f"--max-pixels limit; pass a smaller size")
     paths = collect_inputs(list(inputs))
-    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
-                                   scale, layout, bgr)
-    explainer = _explainer(loaded, node_specs, preprocessing, layout, provider, grad_backend, probabilities,
-                           no_cache)
-    methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
+    preprocessing = _preprocessing(loaded, parsed_size, _floats(mean, "--mean"), _floats(std, "--std"),
+                                   scale, layout, bgr, preset)
+    notices = []
+    if images and not loaded.preprocess and not (preset or mean or std or scale is not None):
+        notices.append("the model carries no preprocessing metadata, so images are fed as RGB x/255 with no "
+                       "mean/std; pass --preset NAME or --mean/--std/--scale if it was trained otherwise")
+    explainer = _explainer(loaded, node_specs, preprocessing, size, layout, provider, grad_backend, probabilities,
+                           no_cache, feed_specs, output_name, class_axis)
+    if method == "all":
+        methods, skipped_methods = applicable_methods(explainer, with_reasons=True)
+        notices += [f"--method all skips {name}: {why}" for name, why in skipped_methods]
+    else:
+        methods = [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
@@ -195,10 +266,14 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                            top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
                            overwrite=overwrite, max_channels=max_channels,
                            progress=_progress_printer("score-cam", "masked inputs"),
-                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
+                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
+                           max_pixels=max_pixels or None, fail_fast=fail_fast,
+                           on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
+        if result.notice:
+            notices.append(f"{result.path} ({result.method}): {result.notice}")
         if not as_json:
             name = f" ({result.class_name})" if result.class_name else ""
             rank = f" top{result.rank}" if top_k else ""
@@ -207,9 +282,16 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                        f" -> {', '.join(str(p) for p in result.written)}")
     if runner.skipped and not as_json:
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
+    for notice in notices:   # after the results: a run that fails says only its error
+        click.echo(f"notice: {notice}", err=True)
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
-                               "skipped": runner.skipped, "results": summaries}, indent=2))
+                               "skipped": runner.skipped, "results": summaries, "notices": notices,
+                               "failed": [{"input": str(p), "error": m} for p, m in runner.failures]},
+                              indent=2, allow_nan=False))
+    if runner.failures:
+        raise OnnxcamError(f"{len(runner.failures)} of {len(paths)} input(s) could not be read and were "
+                           "skipped (errors above); fix or remove them (--fail-fast stops at the first)")
 
 
 @main.command()
@@ -245,9 +327,11 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
 @click.option("--grad-backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading the cache.")
 @_input_options
+@model_io_options
 def evaluate(model, inputs, method_names, node_specs, metric_list, boxes_path, steps, baseline, batch_size,
              as_json, csv_path, plots_dir, loc_threshold, max_channels, labels, provider, grad_backend,
-             no_cache, size, mean, std, scale, layout, bgr):
+             no_cache, size, mean, std, scale, layout, bgr, input_name, feed_specs, output_name, class_axis,
+             preset):
     """Score CAM methods on INPUTS: Average Drop, Increase in Confidence, Deletion / Insertion AUC and,
     with --boxes, pointing game, energy pointing game and loc1 / loc5."""
     from pathlib import Path
@@ -261,7 +345,7 @@ def evaluate(model, inputs, method_names, node_specs, metric_list, boxes_path, s
     from .methods import get_method
     from .model import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, input=input_name)
     paths = collect_inputs(list(inputs))
     protected = {p.resolve() for p in paths} | ({loaded.path.resolve()} if loaded.path else set())
     boxes = load_boxes(boxes_path) if boxes_path else None
@@ -269,9 +353,10 @@ def evaluate(model, inputs, method_names, node_specs, metric_list, boxes_path, s
     if csv_path and Path(csv_path).resolve() in protected:
         raise OnnxcamError(f"refusing to overwrite input file {csv_path}; choose another --csv path")
     plots = outputs.prepare_dir(plots_dir) if plots_dir else None
-    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
-                                   scale, layout, bgr)
-    explainer = _explainer(loaded, node_specs, preprocessing, layout, provider, grad_backend, False, no_cache)
+    preprocessing = _preprocessing(loaded, _size(size) if loaded.input.rank in (None, 4) else None,
+                                   _floats(mean, "--mean"), _floats(std, "--std"), scale, layout, bgr, preset)
+    explainer = _explainer(loaded, node_specs, preprocessing, size, layout, provider, grad_backend, False,
+                           no_cache, feed_specs, output_name, class_axis)
     names = list(method_names) or ["gradcam"]
     methods = applicable_methods(explainer) if "all" in names else []
     for name in names:
@@ -321,9 +406,13 @@ def read_mask(path: str):
     from .preprocess import read_image
     if Path(path).suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32)
+            mask = np.load(path, allow_pickle=False).astype(np.float32)
         except Exception as exc:
-            raise OnnxcamError(f"--target-mask {path} is not a readable .npy array ({exc})") from exc
+            raise OnnxcamError(f"--target-mask {path} is not a readable numeric .npy array "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not np.isfinite(mask).all():
+            raise OnnxcamError(f"--target-mask {path} holds NaN or infinite values")
+        return mask
     return (read_image(path).max(axis=-1) > 0).astype(np.float32)
 
 
@@ -364,6 +453,37 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
                f"outputs {', '.join(augmented.output_names)}")
 
 
+@main.group("cache")
+def cache_group():
+    """Inspect or empty the augmented-model cache ($ONNXCAM_CACHE_DIR, default ~/.cache/onnxcam;
+    capped at $ONNXCAM_CACHE_MAX_MB megabytes, default 2048, least recently used entries evicted)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info(as_json):
+    """Folder, number of entries, size and cap."""
+    from .cache import default_cache_dir
+    from .cache_limits import info
+    facts = info(default_cache_dir())
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{facts['folder']}: {facts['entries']} entr{'y' if facts['entries'] == 1 else 'ies'}, "
+               f"{facts['bytes'] / 2**20:.1f} MB of {facts['max_bytes'] / 2**20:.0f} MB"
+               + (f", {facts['temporaries']} leftover temporary file(s)" if facts["temporaries"] else ""))
+
+
+@cache_group.command("clear")
+def cache_clear():
+    """Remove every cached model (and leftover temporaries); other files are left alone."""
+    from .cache import default_cache_dir
+    from .cache_limits import clear
+    folder = default_cache_dir()
+    count, freed = clear(folder)
+    click.echo(f"removed {count} cached model(s), {freed / 2**20:.1f} MB, from {folder}")
+
+
 def _initializers(proto) -> set[str]:
     return {init.name for init in proto.graph.initializer}
 
@@ -371,8 +491,11 @@ def _initializers(proto) -> set[str]:
 def _target(text: str | None, class_names):
     if text is None:
         return None
-    if text.lstrip("-").isdigit():
-        return int(text)
+    if re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        value = int(text)
+        if value < 0:
+            raise OnnxcamError(f"--target {text!r} must be a class index >= 0 or a class name")
+        return value
     names = class_names or []
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:
@@ -380,17 +503,19 @@ def _target(text: str | None, class_names):
     raise OnnxcamError(f"--target {text!r} is neither a class index nor a class name of this model")
 
 
-def applicable_methods(explainer) -> list[str]:
-    """Every method that can run on this model and node (for --method all)."""
+def applicable_methods(explainer, with_reasons: bool = False):
+    """Every method that can run on this model and node (for --method all); with_reasons: also the
+    (method, why) pairs of those that cannot."""
     from .methods import METHODS
-    chosen = []
+    chosen, skipped = [], []
     for name in METHODS:
         try:
             explainer.check_method(name)
-        except OnnxcamError:
+        except OnnxcamError as exc:
+            skipped.append((name, str(exc)))
             continue
         chosen.append(name)
-    return chosen
+    return (chosen, skipped) if with_reasons else chosen
 
 
 if __name__ == "__main__":
