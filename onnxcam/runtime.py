@@ -64,6 +64,8 @@ class Runner:
         except Exception as exc:
             raise OnnxcamError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
         self.output_names = list(output_names)
+        # float16 (or double) models: float32 feeds are cast at the boundary, outputs come back float32
+        self.input_types = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
 
@@ -72,10 +74,14 @@ class Runner:
         return "cuda" if self.on_cuda else "cpu"
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = {k: _as_type(v, self.input_types.get(k)) for k, v in feeds.items()}
         try:
             if self.on_cuda:
-                return self._run_bound(feeds)
-            return self.session.run(self.output_names, feeds)
+                outputs = self._run_bound(feeds)
+            else:
+                outputs = self.session.run(self.output_names, feeds)
+            return [o.astype(np.float32) if isinstance(o, np.ndarray) and o.dtype.kind == "f"
+                    and o.dtype != np.float32 else o for o in outputs]
         except OnnxcamError:
             raise
         except Exception as exc:
@@ -91,6 +97,15 @@ class Runner:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _as_type(value: np.ndarray, dtype) -> np.ndarray:
+    if dtype is None or not isinstance(value, np.ndarray) or value.dtype == dtype or value.dtype.kind != "f":
+        return value
+    return value.astype(dtype)
 
 
 def first_line(exc: Exception) -> str:

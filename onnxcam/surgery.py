@@ -66,13 +66,27 @@ def find_logits(proto: onnx.ModelProto, probabilities: bool = False) -> str:
     if probabilities:
         return name
     made_by = producers(graph)
-    current = name
-    while current in made_by and made_by[current].op_type in _PASS_THROUGH:
-        current = made_by[current].input[0]
+    current = _before_passes(made_by, name)
     node = made_by.get(current)
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0]
-    return name
+        return _before_passes(made_by, node.input[0])
+    return name if current == name or node is None else current
+
+
+def _before_passes(made_by: dict, name: str) -> str:
+    """Walk up through Identity/Dropout and quantize-dequantize pairs: a quantized model's output
+    QDQ pair only rounds the scores (and would clamp the top logit, whose gradient is then zero)."""
+    current = name
+    while current in made_by:
+        node = made_by[current]
+        if node.op_type in _PASS_THROUGH:
+            current = node.input[0]
+        elif (node.op_type == "DequantizeLinear" and node.input[0] in made_by
+              and made_by[node.input[0]].op_type == "QuantizeLinear"):
+            current = made_by[node.input[0]].input[0]
+        else:
+            break
+    return current
 
 
 def _dims(value_info: onnx.ValueInfoProto | None) -> tuple | None:
@@ -86,6 +100,14 @@ def tensor_shape(proto: onnx.ModelProto, tensor: str) -> tuple | None:
     declared = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)}
     shape = _dims(declared.get(tensor))
     return shape if shape is not None else _dims(_inferred_value_infos(proto).get(tensor))
+
+
+def tensor_elem_type(proto: onnx.ModelProto, tensor: str) -> int:
+    """Element type of a tensor (0 when unknown)."""
+    declared = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)
+                + list(proto.graph.input)}
+    vi = declared.get(tensor) or _inferred_value_infos(proto).get(tensor)
+    return vi.type.tensor_type.elem_type if vi is not None else 0
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
@@ -111,6 +133,9 @@ def add_target_head(proto: onnx.ModelProto, logits: str) -> str:
     w_dims = ["batch"] + [d if d else f"onnxcam_d{i}" for i, d in enumerate(shape[1:] if shape else [None], 1)]
     graph.input.append(helper.make_tensor_value_info(TARGET_WEIGHTS, TensorProto.FLOAT, w_dims))
     p = "onnxcam_head/"
+    if tensor_elem_type(proto, logits) not in (TensorProto.FLOAT, 0):  # float16/double: score in float32
+        graph.node.append(helper.make_node("Cast", [logits], [p + "logits_float"], to=TensorProto.FLOAT))
+        logits = p + "logits_float"
     weights = TARGET_WEIGHTS
     if rank == 2:  # classifier: zero rows mean arg-max
         if shape is not None and shape[1]:

@@ -2,8 +2,10 @@
 
 The backward graph is written at the model's own opset with one vector-Jacobian rule per op
 (``rules``), so the augmented model runs on any ONNX Runtime build and execution provider.
-Only nodes on a float path from a ``wrt`` tensor to the score are differentiated: integer and bool
-tensors (Shape, ArgMax, Equal, ...) and everything that does not depend on ``wrt`` are constants.
+Only nodes on a path from a ``wrt`` tensor to the score are differentiated. Integer and bool tensors
+written by comparisons, Shape, ArgMax and the like, and everything that does not depend on ``wrt``, are
+constants; an integer tensor that carries the value (QuantizeLinear's output) stays on the path, and
+only rules that accept integer tensors (the quantization rules, reshapes) may differentiate it.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import OnnxcamError
 from . import gradient_name
-from .rules import RULES, Emitter, Unsupported
+from .rules import INTEGER_RULES, RULES, Emitter, Unsupported
 from .rules.base import FLOAT_TYPES
 
 MIN_OPSET = 11
@@ -134,20 +136,45 @@ def _inputs(node: onnx.NodeProto) -> list[str]:
     return [i for i in node.input if i] + sorted(_subgraph_inputs(node))
 
 
+# Outputs that depend on their inputs only through comparisons, positions or sizes: their gradient is
+# zero by definition, so an integer or bool tensor they write is a constant for the differentiator.
+# Any other integer tensor computed from the differentiated path carries the value (QuantizeLinear's
+# output, a Cast to int) and must meet a rule that accepts it, else it is "no rule", never a zero.
+NO_GRADIENT_OUTPUTS = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Greater",
+                       "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "NonZero",
+                       "EyeLike", "RandomNormalLike", "RandomUniformLike"}
+INDEX_OUTPUTS = {"TopK": {1}, "MaxPool": {1}, "Unique": {1, 2, 3}}
+
+
+def _is_float(types: dict, name: str) -> bool:
+    elem = types.get(name, (0, None))[0]
+    return elem in FLOAT_TYPES or elem == 0  # unknown type: assume float, the rule decides
+
+
+def _carries_value(node: onnx.NodeProto, k: int, types: dict) -> bool:
+    """Whether output ``k`` of ``node`` can carry a gradient from the node's inputs."""
+    name = node.output[k]
+    if _is_float(types, name):
+        return True
+    if node.domain not in ("", "ai.onnx"):
+        return True
+    if node.op_type in NO_GRADIENT_OUTPUTS or k in INDEX_OUTPUTS.get(node.op_type, ()):
+        return False
+    return not (node.op_type == "Cast" and types.get(name, (0,))[0] == TensorProto.BOOL)
+
+
 def _active_tensors(graph: onnx.GraphProto, types: dict, score: str, wrt: list[str]) -> set[str]:
-    """Float tensors that depend on some wrt tensor and that the score depends on."""
-    def is_float(name):
-        elem = types.get(name, (0, None))[0]
-        return elem in FLOAT_TYPES or elem == 0  # unknown type: assume float, the rule decides
+    """Tensors that depend on some wrt tensor and that the score depends on: float tensors, and
+    integer tensors that carry the value (quantized activations)."""
     depends = set(wrt)
     for node in graph.node:
         if any(i in depends for i in _inputs(node)):
-            depends.update(o for o in node.output if o and is_float(o))
+            depends.update(o for k, o in enumerate(node.output) if o and _carries_value(node, k, types))
     needed = {score}
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             needed.update(_inputs(node))
-    return {t for t in depends & needed if is_float(t)}
+    return depends & needed
 
 
 def _node_label(node: onnx.NodeProto) -> str:
@@ -204,6 +231,11 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if rule is None:
                 raise Unsupported("no gradient rule for this op")
+            integers = [t for t in list(node.input) + list(node.output)
+                        if t in active and not _is_float(types, t)]
+            if integers and node.op_type not in INTEGER_RULES:
+                raise Unsupported(f"integer tensor {integers[0]!r} on the differentiated path "
+                                  "(no rule for this op on integer tensors)")
             if any(i in active for i in _subgraph_inputs(node)):
                 raise Unsupported("gradient through subgraphs is not supported")
             if node.op_type == "MaxPool":  # the rule reads the arg-max indices of the forward node
