@@ -16,7 +16,7 @@ from .. import outputs, render
 from ..files import InputItem, draw
 from .compare import AuditedModel, InputComparison, PairSummary
 
-THUMBNAIL_SIDE = 224
+THUMBNAIL_SIDE = 192
 HISTOGRAM_MEASURES = ("pearson", "spearman", "iou_top20", "peak_distance", "prob_max_abs", "kl")
 TABLE_KEYS = ("top1_agreement", "top5_overlap_mean", "prob_max_abs", "kl_mean", "pearson_mean",
               "pearson_min", "spearman_mean", "iou_top20_mean", "peak_distance_max")
