@@ -16,7 +16,7 @@ from .. import outputs, render
 from ..files import InputItem, draw
 from .compare import AuditedModel, InputComparison, PairSummary
 
-THUMBNAIL_SIDE = 192
+THUMBNAIL_SIDE = 160
 HISTOGRAM_MEASURES = ("pearson", "spearman", "iou_top20", "peak_distance", "prob_max_abs", "kl")
 TABLE_KEYS = ("top1_agreement", "top5_overlap_mean", "prob_max_abs", "kl_mean", "pearson_mean",
               "pearson_min", "spearman_mean", "iou_top20_mean", "peak_distance_max")
@@ -114,7 +114,7 @@ def _png_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(outputs.png_bytes(rgb)).decode("ascii")
 
 
-def histogram_svg(values, title: str, bins: int = 20, width: int = 240, height: int = 110) -> str:
+def histogram_svg(values, title: str, bins: int = 20, width: int = 168, height: int = 76) -> str:
     """An inline SVG histogram of ``values`` over their own range (one bar when they are all equal)."""
     values = np.asarray(values, np.float64)
     lo, hi = float(values.min()), float(values.max())
@@ -146,7 +146,9 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:
 th{background:#f0f0f0}.pass{background:#d9f2d9}.fail{background:#f7d4d4}
 .row{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0 18px}.row figure{margin:0}
 .row img{border:1px solid #999;display:block}
-figcaption{font-size:12px;max-width:230px;overflow-wrap:anywhere}.hist{display:flex;flex-wrap:wrap;gap:14px}
+figcaption{font-size:12px;max-width:160px;overflow-wrap:anywhere}
+.hist{display:flex;flex-wrap:wrap;gap:12px;margin:4px 0;align-items:flex-end}
+.who{width:170px;font-size:13px;font-weight:bold;overflow-wrap:anywhere;align-self:center}
 .input{border-top:1px solid #ddd;padding-top:8px}code{font-size:12px}
 """
 
@@ -186,7 +188,7 @@ def html_report(models: list[AuditedModel], inputs: list[InputComparison], pairs
     hists = []
     for c, pair in enumerate(pairs):
         svgs = "".join(histogram_svg([i.pairs[c][name] for i in inputs], name) for name in HISTOGRAM_MEASURES)
-        hists.append(f"<h3>{html.escape(_short(pair.candidate))}</h3><div class=\"hist\">{svgs}</div>")
+        hists.append(f'<div class="hist"><div class="who">{html.escape(_short(pair.candidate))}</div>{svgs}</div>')
     ordered = sorted(inputs, key=InputComparison.sort_key)
     sections = "".join(_input_section(r, i, models, alpha) for r, i in enumerate(ordered, start=1))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>onnxcam compare</title>'
