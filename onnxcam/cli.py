@@ -77,6 +77,29 @@ def _preprocessing(model, size, mean, std, scale, layout, bgr):
     return replace(base, **fields).validated()
 
 
+def _input_options(command):
+    """The preprocessing flags shared by explain and evaluate."""
+    options = [
+        click.option("--size", help="Resize inputs to HEIGHT,WIDTH (default: model metadata / input shape)."),
+        click.option("--mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Per-channel std divided by, e.g. 0.229,0.224,0.225."),
+        click.option("--scale", type=float, help="Pixel scale applied first (default 1/255)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+                     help="Input layout (default: model metadata or detected from the input shape)."),
+        click.option("--bgr", is_flag=True, help="Feed channels in BGR order."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _explainer(loaded, node_specs, preprocessing, provider, grad_backend, probabilities, no_cache):
+    from .explainer import Explainer
+    return Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
+                     layout=preprocessing.layout, probabilities=probabilities,
+                     input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
@@ -132,13 +155,7 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
               help="Images per run; masked inputs per run for Score-CAM.")
 @click.option("--max-channels", type=int, help="Score-CAM: keep the K highest-variance channels "
                                                 "(Faster Score-CAM).")
-@click.option("--size", help="Resize inputs to HEIGHT,WIDTH (default: model metadata / input shape).")
-@click.option("--mean", help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="Per-channel std divided by, e.g. 0.229,0.224,0.225.")
-@click.option("--scale", type=float, help="Pixel scale applied first (default 1/255).")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
-              help="Input layout (default: model metadata or detected from the input shape).")
-@click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
+@_input_options
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
@@ -152,7 +169,6 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
             overwrite, no_cache, labels, target_mask):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
-    from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
     from .methods import get_method
     from .model import load_model
@@ -165,9 +181,7 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     paths = collect_inputs(list(inputs))
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
-    explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
-                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
+    explainer = _explainer(loaded, node_specs, preprocessing, provider, grad_backend, probabilities, no_cache)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
@@ -326,6 +340,95 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
             click.echo(f"pictures and compare.json: {out_dir}")
     if not all(p.passed for p in pairs):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--method", "method_names", multiple=True,
+              help="Method to evaluate (repeat for several, or all); default gradcam.")
+@click.option("--node", "node_specs", multiple=True, help="Node to explain (same forms as for explain).")
+@click.option("--metrics", "metric_list",
+              help="Comma-separated: average_drop (ad), increase_in_confidence (ic), deletion_auc "
+                   "(deletion), insertion_auc (insertion), pointing_game (pointing), energy_pointing_game "
+                   "(energy), loc1, loc5 (loc), faithfulness, localisation, all. Default: the four "
+                   "faithfulness metrics, plus localisation with --boxes.")
+@click.option("--boxes", "boxes_path", type=click.Path(),
+              help="Ground-truth boxes: Pascal VOC .xml (or a folder of them), COCO .json, or .csv rows "
+                   "file,x1,y1,x2,y2,class (class index or name); matched to inputs by file name.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Deletion / insertion intervals.")
+@click.option("--baseline", type=click.Choice(["zero", "blur", "mean"]), default="zero", show_default=True,
+              help="What deleted pixels become: zeros, an 11x11 Gaussian blur (sigma 5) of the input, or "
+                   "each channel's mean.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Inputs per explain run and perturbed inputs per forward run (bounds memory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write per-input values to this CSV.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False),
+              help="Write deletion and insertion curves per method (mean and +-1 std band) as PNG here.")
+@click.option("--loc-threshold", type=float, default=0.2, show_default=True,
+              help="loc1 / loc5: keep map values >= this fraction of the map's maximum.")
+@click.option("--max-channels", type=int, help="Score-CAM: keep the K highest-variance channels.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (for class "
+                                                                 "names in --boxes).")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option("--grad-backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading the cache.")
+@_input_options
+def evaluate(model, inputs, method_names, node_specs, metric_list, boxes_path, steps, baseline, batch_size,
+             as_json, csv_path, plots_dir, loc_threshold, max_channels, labels, provider, grad_backend,
+             no_cache, size, mean, std, scale, layout, bgr):
+    """Score CAM methods on INPUTS: Average Drop, Increase in Confidence, Deletion / Insertion AUC and,
+    with --boxes, pointing game, energy pointing game and loc1 / loc5."""
+    from pathlib import Path
+
+    from . import outputs
+    from .evaluate import Evaluator
+    from .evaluate.boxes import load_boxes
+    from .evaluate.report import csv_bytes, curves_picture, summary_json, table
+    from .evaluate.run import FileEvaluation, parse_metrics
+    from .files import collect_inputs
+    from .methods import get_method
+    from .model import load_model
+
+    loaded = load_model(model)
+    paths = collect_inputs(list(inputs))
+    protected = {p.resolve() for p in paths} | ({loaded.path.resolve()} if loaded.path else set())
+    boxes = load_boxes(boxes_path) if boxes_path else None
+    metric_names = parse_metrics(metric_list, boxes is not None)
+    if csv_path and Path(csv_path).resolve() in protected:
+        raise OnnxcamError(f"refusing to overwrite input file {csv_path}; choose another --csv path")
+    plots = outputs.prepare_dir(plots_dir) if plots_dir else None
+    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
+                                   scale, layout, bgr)
+    explainer = _explainer(loaded, node_specs, preprocessing, provider, grad_backend, False, no_cache)
+    names = list(method_names) or ["gradcam"]
+    methods = applicable_methods(explainer) if "all" in names else []
+    for name in names:
+        if name != "all" and get_method(name).name not in methods:
+            explainer.check_method(name)
+            methods.append(get_method(name).name)
+    evaluator = Evaluator(explainer, metric_names, steps=steps, baseline=baseline, batch_size=batch_size,
+                          loc_threshold=loc_threshold, max_channels=max_channels)
+    class_names = read_labels(labels) if labels else loaded.class_names
+    run = FileEvaluation(evaluator, preprocessing, methods, boxes, class_names,
+                         progress=_progress_printer("evaluate", "perturbed inputs scored", minimum=1))
+    run.run(paths)
+    if boxes is not None and run.without_boxes:
+        click.echo(f"note: {run.without_boxes} of {len(paths)} inputs have no box in "
+                   f"{boxes_path}; localisation counts the others", err=True)
+    totals = list(run.totals.values())
+    if csv_path:
+        outputs.write_bytes_atomic(csv_path, csv_bytes(run.rows), protected)
+    if plots is not None:
+        for total in totals:
+            picture = curves_picture(total)
+            if picture is not None:
+                outputs.write_png(plots / f"{total.method.replace('+', 'pp')}_curves.png", picture, protected)
+    if as_json:
+        click.echo(json.dumps(summary_json(str(model), len(paths), totals), indent=2))
+    else:
+        click.echo(table(totals, len(paths)))
 
 
 def read_labels(path: str) -> list[str]:
