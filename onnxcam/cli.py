@@ -269,9 +269,11 @@ def _preprocess_spec(loaded, text: str | None):
 @click.option("--max-channels", type=int, help="Score-CAM: keep the K highest-variance channels.")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--no-cache", is_flag=True, help="Build the augmented models afresh instead of reading the cache.")
+@click.option("--deletion", is_flag=True, help="Also each model's deletion AUC (as `evaluate` scores it, "
+                                               "own top-1, 20 steps) and each pair's difference.")
 def compare(args, method, node_specs, preprocess_specs, target_policy, fail_under, fail_over, as_json,
             html_path, out_dir, alpha, provider, grad_backend, batch_size, max_channels, probabilities,
-            no_cache):
+            no_cache, deletion):
     """Compare a reference model with candidates (other exports, quantized builds, retrains) on the
     same INPUTS: predictions and maps. Arguments ending in .onnx are models, the rest inputs."""
     from pathlib import Path
@@ -297,6 +299,8 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
     method = get_method(method).name
     under = parse_thresholds(fail_under, True, "--fail-under")
     over = parse_thresholds(fail_over, False, "--fail-over")
+    if not deletion and any(k.startswith("deletion") for k in (*under, *over)):
+        raise OnnxcamError("deletion_auc_diff gates need --deletion (deletion AUC is measured only then)")
     nodes = _per_model(node_specs, len(model_paths), "--node", "auto")
     pre_specs = _per_model(preprocess_specs, len(model_paths), "--preprocess", None)
     paths = collect_inputs(input_specs)
@@ -317,7 +321,8 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
     for comparison in run_comparison(models, paths, method, target_policy, batch_size, max_channels,
                                      progress=_progress_printer("score-cam", "masked inputs"),
                                      batch_progress=_progress_printer("compared", "inputs",
-                                                                      minimum=2 * batch_size)):
+                                                                      minimum=2 * batch_size),
+                                     deletion=deletion):
         if out is not None:
             write_png(out / (output_stem(comparison.path, method, None) + "_compare.png"),
                       panel_grid(input_panels(comparison, models, alpha, side=None)), protected)

@@ -308,3 +308,22 @@ def test_html_report_renders_in_chromium(exports, quantized, photo_dir, tmp_path
     noisy = tmp_path / "noisy.html"                      # the console check does hear errors
     noisy.write_text(text.replace("</body>", "<script>console.error('x'); missing();</script></body>"))
     assert len(screenshot(noisy, tmp_path / "noisy.png")[0]) == 2
+
+
+def test_deletion_auc_difference(torch_net_and_twin, photo_dir):
+    """--deletion scores each model with onnxcam.evaluate's deletion AUC. The twin computes the same
+    function, so its AUCs equal the reference's (measured difference 6.2e-7); a candidate fed with a
+    different mean (a preprocessing bug) moves them (measured 0.0076)."""
+    nchw, twin = torch_net_and_twin
+    code, doc = run_json([nchw, twin, photo_dir, "--node", "/act2/Relu", "--deletion",
+                          "--fail-over", "deletion_auc_diff_max=1e-5"])
+    (pair,) = doc["pairs"]
+    assert code == 0 and pair["deletion_auc_diff_max"] < 1e-5, pair
+    for item in doc["inputs"]:
+        aucs = [p["deletion_auc"] for p in item["predictions"].values()]
+        assert 0.0 <= aucs[0] <= 1.0 and aucs[0] == pytest.approx(aucs[1], abs=1e-5)
+    code, doc = run_json([nchw, twin, photo_dir, "--node", "/act2/Relu", "--deletion",
+                          "--preprocess", "-", "--preprocess", "mean=0.5,0.5,0.5"])
+    assert doc["pairs"][0]["deletion_auc_diff_max"] > 1e-3
+    result = run([nchw, twin, photo_dir, "--fail-over", "deletion_auc_diff_max=0.1"])
+    assert result.exit_code == 1 and "need --deletion" in result.stderr

@@ -45,10 +45,12 @@ class Prediction:
     target: int              # the class its map explains
     probability: float       # softmax probability of its top-1
     class_name: str | None
+    deletion_auc: float | None = None     # with deletion: AUC of its own top-1's deletion curve
 
     def summary(self) -> dict:
+        extra = {} if self.deletion_auc is None else {"deletion_auc": _round(self.deletion_auc)}
         return {"top1": self.top1, "class_name": self.class_name, "target": self.target,
-                "probability": _round(self.probability)}
+                "probability": _round(self.probability), **extra}
 
 
 @dataclass
@@ -109,21 +111,38 @@ def _prediction(logits: np.ndarray, target: int, model: AuditedModel) -> Predict
     return Prediction(top1, int(target), probability, names[top1] if names and top1 < len(names) else None)
 
 
+def _deletion_aucs(evaluators, model_inputs: list[np.ndarray], method: str) -> list[np.ndarray] | None:
+    """Per model, the deletion AUC of each input (onnxcam.evaluate: each model's own top-1 map, the
+    target's probability as the map's most relevant pixels are removed; lower is more faithful)."""
+    if evaluators is None:
+        return None
+    return [np.array([r.values["deletion_auc"] for r in evaluator.evaluate(x, method)])
+            for evaluator, x in zip(evaluators, model_inputs)]
+
+
 def run_comparison(models: list[AuditedModel], paths: list[Path], method: str = "gradcam",
                    target_policy: str = "reference", batch_size: int = 16, max_channels: int | None = None,
-                   progress=None, batch_progress=None) -> Iterator[InputComparison]:
-    """Yield one InputComparison per input, batch by batch (the caller keeps what it needs)."""
+                   progress=None, batch_progress=None, deletion: bool = False) -> Iterator[InputComparison]:
+    """Yield one InputComparison per input, batch by batch (the caller keeps what it needs).
+
+    ``deletion``: also each model's deletion AUC and, per pair, their absolute difference."""
     if len(models) < 2:
         raise OnnxcamError("compare needs a reference model and at least one candidate (.onnx files)")
     if target_policy not in TARGET_POLICIES:
         raise OnnxcamError(f"unknown target policy {target_policy!r}; use reference or own")
     reference = models[0]
     rank = reference.explainer.model.input.rank
+    evaluators = None
+    if deletion:
+        from ..evaluate import Evaluator
+        evaluators = [Evaluator(m.explainer, metrics=["deletion_auc"], batch_size=batch_size,
+                                max_channels=max_channels) for m in models]
     for lo in range(0, len(paths), batch_size):
         items = [load_input(p, reference.preprocessing, rank) for p in paths[lo:lo + batch_size]]
-        explanations, targets = [], None
+        explanations, targets, inputs = [], None, []
         for model in models:
             x = _model_inputs(model, reference, items)
+            inputs.append(x)
             explanation = model.explainer.explain(x, method=method, targets=targets, batch_size=batch_size,
                                                   max_channels=max_channels, progress=progress)
             if explanation.logits.ndim != 2:
@@ -141,13 +160,19 @@ def run_comparison(models: list[AuditedModel], paths: list[Path], method: str = 
             except ValueError as exc:
                 raise OnnxcamError(f"cannot compare {model.label} with {reference.label}: {exc}; compare "
                                    "models with the same classes") from exc
+        aucs = _deletion_aucs(evaluators, inputs, method)
         for i, item in enumerate(items):
             predictions = [_prediction(e.logits[i], e.targets[i], m) for e, m in zip(explanations, models)]
             pairs = []
             for c, row in enumerate(pair_rows, start=1):
                 values = {key: float(v[i]) for key, v in row.items()}
                 values.update(measures.map_measures(maps[0][i], maps[c][i]))
+                if aucs is not None:
+                    values["deletion_auc_diff"] = abs(float(aucs[c][i] - aucs[0][i]))
                 pairs.append(values)
+            if aucs is not None:
+                for prediction, auc in zip(predictions, aucs):
+                    prediction.deletion_auc = float(auc[i])
             yield InputComparison(item, predictions, [m[i] for m in maps], pairs)
         if batch_progress is not None:
             batch_progress(min(lo + batch_size, len(paths)), len(paths))
@@ -159,10 +184,13 @@ def _round(value: float) -> float:
 
 
 # ---- summary per pair, thresholds -----------------------------------------------------------------
-def summary_keys() -> dict[str, bool]:
+OPTIONAL = {"deletion_auc_diff": False}      # per-input measures only some runs take (--deletion)
+
+
+def summary_keys(optional: bool = True) -> dict[str, bool]:
     """Every key a pair's summary holds -> True where higher means more agreement."""
     keys = {"top1_agreement": True, "prob_max_abs": False}
-    for name, higher in measures.PER_INPUT.items():
+    for name, higher in {**measures.PER_INPUT, **(OPTIONAL if optional else {})}.items():
         keys[f"{name}_mean"] = higher
         keys[f"{name}_min" if higher else f"{name}_max"] = higher
     keys.pop("top1_agreement_mean")
@@ -221,16 +249,21 @@ def summarize(models: list[AuditedModel], inputs: list[InputComparison], fail_un
         raise OnnxcamError("no input to compare; pass image files, folders or .npy arrays")
     summaries = []
     for c, model in enumerate(models[1:]):
-        column = {name: np.array([i.pairs[c][name] for i in inputs]) for name in measures.PER_INPUT}
+        column = {name: np.array([i.pairs[c][name] for i in inputs]) for name in inputs[0].pairs[c]}
         values = {}
         for key in summary_keys():
             name, _, stat = key.rpartition("_")
+            if key not in ("top1_agreement", "prob_max_abs") and name not in column:
+                continue
             if key == "top1_agreement":
                 values[key] = float(column[key].mean())
             elif key == "prob_max_abs":
                 values[key] = float(column[key].max())
             else:
                 values[key] = float(getattr(np, stat)(column[name]))
+        missing = [k for k in (*fail_under, *fail_over) if k not in values]
+        if missing:
+            raise OnnxcamError(f"no {missing[0]} to gate: run with --deletion to measure deletion AUC")
         failures = [f"{k} {values[k]:.6g} < {v:g}" for k, v in fail_under.items() if values[k] < v]
         failures += [f"{k} {values[k]:.6g} > {v:g}" for k, v in fail_over.items() if values[k] > v]
         summaries.append(PairSummary(models[0].label, model.label, values, failures))
@@ -266,6 +299,9 @@ def summary_text(document: dict, models: list[AuditedModel]) -> str:
                      f"spearman mean {pair['spearman_mean']:.6f} min {pair['spearman_min']:.6f}")
         lines.append(f"               iou_top20 mean {pair['iou_top20_mean']:.4f} min {pair['iou_top20_min']:.4f}  "
                      f"peak_distance mean {pair['peak_distance_mean']:.4f} max {pair['peak_distance_max']:.4f}")
+        if "deletion_auc_diff_mean" in pair:
+            lines.append(f"  deletion     auc_diff mean {pair['deletion_auc_diff_mean']:.4f} "
+                         f"max {pair['deletion_auc_diff_max']:.4f}")
         worst = min(document["inputs"], key=lambda i: i["pairs"][c]["pearson"])
         lines.append(f"  worst input  {worst['input']} (pearson {worst['pairs'][c]['pearson']:.6f})")
     return "\n".join(lines)

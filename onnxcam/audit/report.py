@@ -17,9 +17,11 @@ from ..files import InputItem, draw
 from .compare import AuditedModel, InputComparison, PairSummary
 
 THUMBNAIL_SIDE = 160
-HISTOGRAM_MEASURES = ("pearson", "spearman", "iou_top20", "peak_distance", "prob_max_abs", "kl")
+HISTOGRAM_MEASURES = ("pearson", "spearman", "iou_top20", "peak_distance", "prob_max_abs", "kl",
+                      "deletion_auc_diff")
 TABLE_KEYS = ("top1_agreement", "top5_overlap_mean", "prob_max_abs", "kl_mean", "pearson_mean",
-              "pearson_min", "spearman_mean", "iou_top20_mean", "peak_distance_max")
+              "pearson_min", "spearman_mean", "iou_top20_mean", "peak_distance_max", "deletion_auc_diff_mean",
+              "deletion_auc_diff_max")
 
 
 def diverging(diff: np.ndarray) -> np.ndarray:
@@ -161,7 +163,7 @@ def _summary_table(pairs: list[PairSummary]) -> str:
                        f'{"pass" if p.passed else "FAIL: " + html.escape("; ".join(p.failures))}</td>'
                        for p in pairs)
     rows = "".join(f"<tr><td>{k}</td>" + "".join(f"<td>{p.values[k]:.6g}</td>" for p in pairs) + "</tr>"
-                   for k in TABLE_KEYS)
+                   for k in TABLE_KEYS if k in pairs[0].values)
     return f"<table><tr><th>measure</th>{head}</tr><tr><td>result</td>{verdicts}</tr>{rows}</table>"
 
 
@@ -187,7 +189,8 @@ def html_report(models: list[AuditedModel], inputs: list[InputComparison], pairs
                          for i, m in enumerate(models))
     hists = []
     for c, pair in enumerate(pairs):
-        svgs = "".join(histogram_svg([i.pairs[c][name] for i in inputs], name) for name in HISTOGRAM_MEASURES)
+        svgs = "".join(histogram_svg([i.pairs[c][name] for i in inputs], name)
+                       for name in HISTOGRAM_MEASURES if name in inputs[0].pairs[c])
         hists.append(f'<div class="hist"><div class="who">{html.escape(_short(pair.candidate))}</div>{svgs}</div>')
     ordered = sorted(inputs, key=InputComparison.sort_key)
     sections = "".join(_input_section(r, i, models, alpha) for r, i in enumerate(ordered, start=1))
