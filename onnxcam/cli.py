@@ -242,7 +242,7 @@ def _preprocess_spec(loaded, text: str | None):
                           fields.get("layout"), fields.get("color", "RGB").upper() == "BGR")
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("args", nargs=-1, required=True, metavar="REFERENCE.onnx CANDIDATE.onnx [MORE.onnx...] INPUTS...")
 @click.option("--method", default="gradcam", show_default=True,
               help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam or cam.")
@@ -259,6 +259,8 @@ def _preprocess_spec(loaded, text: str | None):
                                                  "e.g. prob_max_abs=0.05,peak_distance_max=0.1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
+@click.option("--html-inputs", type=int, default=50, show_default=True,
+              help="Inputs the report shows with pictures (the worst ones); summary and histograms cover all.")
 @click.option("--out", "out_dir", help="Also write one PNG per input (overlays and differences) and "
                                        "compare.json into this folder.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Heatmap weight in the overlays.")
@@ -272,15 +274,15 @@ def _preprocess_spec(loaded, text: str | None):
 @click.option("--deletion", is_flag=True, help="Also each model's deletion AUC (as `evaluate` scores it, "
                                                "own top-1, 20 steps) and each pair's difference.")
 def compare(args, method, node_specs, preprocess_specs, target_policy, fail_under, fail_over, as_json,
-            html_path, out_dir, alpha, provider, grad_backend, batch_size, max_channels, probabilities,
-            no_cache, deletion):
+            html_path, html_inputs, out_dir, alpha, provider, grad_backend, batch_size, max_channels,
+            probabilities, no_cache, deletion):
     """Compare a reference model with candidates (other exports, quantized builds, retrains) on the
     same INPUTS: predictions and maps. Arguments ending in .onnx are models, the rest inputs."""
     from pathlib import Path
 
     from .audit.compare import (AuditedModel, parse_thresholds, report_json, run_comparison, summarize,
                                  summary_text)
-    from .audit.report import compact, html_report, input_panels, panel_grid
+    from .audit.report import WorstInputs, html_report, input_panels, panel_grid
     from .explainer import Explainer
     from .files import collect_inputs, output_stem
     from .methods import get_method
@@ -296,6 +298,8 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
         raise OnnxcamError("no input given; pass image files, folders, globs or .npy arrays after the models")
     if batch_size < 1:
         raise OnnxcamError("--batch-size must be at least 1")
+    if html_inputs < 0:
+        raise OnnxcamError("--html-inputs must be 0 or more")
     method = get_method(method).name
     under = parse_thresholds(fail_under, True, "--fail-under")
     over = parse_thresholds(fail_over, False, "--fail-over")
@@ -317,7 +321,7 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
         models.append(AuditedModel(label, explainer, preprocessing))
     protected = {Path(p).resolve() for p in (*paths, *model_paths)}
     out = prepare_dir(out_dir) if out_dir else None
-    kept = []
+    kept, worst = [], WorstInputs(html_inputs if html_path else 0)
     for comparison in run_comparison(models, paths, method, target_policy, batch_size, max_channels,
                                      progress=_progress_printer("score-cam", "masked inputs"),
                                      batch_progress=_progress_printer("compared", "inputs",
@@ -326,14 +330,15 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
         if out is not None:
             write_png(out / (output_stem(comparison.path, method, None) + "_compare.png"),
                       panel_grid(input_panels(comparison, models, alpha, side=None)), protected)
-        kept.append(compact(comparison) if html_path else comparison.measures_only())
+        worst.add(comparison)
+        kept.append(comparison.measures_only())
     pairs = summarize(models, kept, under, over)
     document = report_json(models, kept, pairs, method, target_policy)
     if out is not None:
         write_json(out / "compare.json", document, protected)
     if html_path:
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        page = html_report(models, kept, pairs, method, target_policy, alpha)
+        page = html_report(models, kept, pairs, method, target_policy, alpha, detailed=worst.ordered())
         write_bytes_atomic(html_path, page.encode("utf-8"), protected)
     if as_json:
         click.echo(json.dumps(document, indent=2))

@@ -224,16 +224,26 @@ def test_bad_input_is_one_line(torch_net_and_twin, photo_dir, tmp_path):
 def test_out_folder_and_html(torch_net_and_twin, photo_dir, tmp_path):
     import cv2
     nchw, twin = torch_net_and_twin
-    result = run([nchw, twin, photo_dir, "--node", "/act2/Relu", "--out", tmp_path / "out",
-                  "--html", tmp_path / "sub" / "report.html"])
+    np.save(tmp_path / "array.npy", np.random.default_rng(2).normal(size=(3, 64, 64)).astype(np.float32))
+    result = run([nchw, twin, photo_dir, tmp_path / "array.npy", "--node", "/act2/Relu", "--out",
+                  tmp_path / "out", "--html", tmp_path / "sub" / "report.html"])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
-    assert saved["n"] == 4
+    assert saved["n"] == 5
     panel = cv2.imread(str(tmp_path / "out" / "chelsea_gradcam_compare.png"))
     assert panel.shape[1] == 4 * 451                  # input, two overlays, one difference (chelsea: 451 wide)
+    assert cv2.imread(str(tmp_path / "out" / "array_gradcam_compare.png")).shape[1] == 4 * 256
     page = (tmp_path / "sub" / "report.html").read_text()
-    assert page.count("<img ") == 16 and page.count("<svg ") == 6
+    assert page.count("<img ") == 20 and page.count("<svg ") == 6
     assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    # --html-inputs: pictures for the worst two only, histograms over all five
+    result = run([nchw, twin, photo_dir, tmp_path / "array.npy", "--node", "/act2/Relu", "--html-inputs", "2",
+                  "--html", tmp_path / "short.html"])
+    short = (tmp_path / "short.html").read_text()
+    assert short.count("<img ") == 8 and "(the 2 worst of 5)" in short and "(n=5)" in short
+    worst = [i["input"] for i in json.loads(run([nchw, twin, photo_dir, tmp_path / "array.npy", "--node",
+                                                 "/act2/Relu", "--json"]).stdout)["inputs"][:2]]
+    assert all(path in short for path in worst)
 
 
 # ---- the HTML report in a real browser ------------------------------------------------------------

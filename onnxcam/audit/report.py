@@ -104,12 +104,12 @@ def _short(label: str) -> str:
 
 
 def _range_text(lo: float, hi: float) -> tuple[str, str]:
-    """lo and hi with just enough digits to tell them apart."""
-    for digits in range(4, 13):
+    """lo and hi with just enough digits (up to 6) to tell them apart; closer than that, hi as lo + d."""
+    for digits in range(4, 7):
         a, b = f"{lo:.{digits}g}", f"{hi:.{digits}g}"
         if a != b:
-            break
-    return a, b
+            return a, b
+    return f"{lo:.6g}", f"+{hi - lo:.1e}" if hi > lo else f"{hi:.6g}"
 
 
 def _png_uri(rgb: np.ndarray) -> str:
@@ -181,9 +181,30 @@ def _input_section(rank: int, comparison: InputComparison, models: list[AuditedM
             f'<div class="row">{figures}</div></div>')
 
 
+class WorstInputs:
+    """The ``limit`` worst inputs seen so far, compacted: what the report shows in detail, held in
+    bounded memory however many inputs stream past."""
+
+    def __init__(self, limit: int):
+        self.limit = max(0, int(limit))
+        self.items: list[InputComparison] = []
+
+    def add(self, comparison: InputComparison) -> None:
+        if self.limit == 0:
+            return
+        self.items.append(compact(comparison))
+        if len(self.items) >= 2 * self.limit:
+            self.items = self.ordered()
+
+    def ordered(self) -> list[InputComparison]:
+        return sorted(self.items, key=InputComparison.sort_key)[: self.limit]
+
+
 def html_report(models: list[AuditedModel], inputs: list[InputComparison], pairs: list[PairSummary],
-                method: str, target_policy: str, alpha: float = 0.5) -> str:
-    """The whole report as one HTML document (inputs sorted worst first)."""
+                method: str, target_policy: str, alpha: float = 0.5,
+                detailed: list[InputComparison] | None = None) -> str:
+    """The whole report as one HTML document: summary and histograms over ``inputs``, then the
+    ``detailed`` ones (default: every input; they need their maps) with pictures, worst first."""
     model_rows = "".join(f"<tr><td>{'reference' if i == 0 else 'candidate'}</td><td>{html.escape(m.label)}"
                          f"</td><td><code>{html.escape(', '.join(m.nodes))}</code></td></tr>"
                          for i, m in enumerate(models))
@@ -192,15 +213,16 @@ def html_report(models: list[AuditedModel], inputs: list[InputComparison], pairs
         svgs = "".join(histogram_svg([i.pairs[c][name] for i in inputs], name)
                        for name in HISTOGRAM_MEASURES if name in inputs[0].pairs[c])
         hists.append(f'<div class="hist"><div class="who">{html.escape(_short(pair.candidate))}</div>{svgs}</div>')
-    ordered = sorted(inputs, key=InputComparison.sort_key)
+    ordered = sorted(inputs if detailed is None else detailed, key=InputComparison.sort_key)
     sections = "".join(_input_section(r, i, models, alpha) for r, i in enumerate(ordered, start=1))
+    shown = "" if len(ordered) == len(inputs) else f" (the {len(ordered)} worst of {len(inputs)})"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>onnxcam compare</title>'
             f"<style>{_STYLE}</style></head><body><h1>onnxcam compare: {html.escape(method)}, "
             f"target policy {html.escape(target_policy)}, {len(inputs)} input(s)</h1>"
             f"<table><tr><th>role</th><th>model</th><th>node</th></tr>{model_rows}</table>"
             f"<h2>Summary per pair (candidate vs reference)</h2>{_summary_table(pairs)}"
             f"<h2>Agreement measures over the inputs</h2>{''.join(hists)}"
-            f"<h2>Inputs, worst first (lowest map correlation)</h2>"
+            f"<h2>Inputs, worst first (lowest map correlation){shown}</h2>"
             "<p>Overlays of every model, then each candidate's map minus the reference's "
             "(red: the candidate looks there more, blue: less).</p>"
             f"{sections}</body></html>")
