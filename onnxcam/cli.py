@@ -258,7 +258,7 @@ def _preprocess_spec(loaded, text: str | None):
 @click.option("--fail-over", multiple=True, help="KEY=VALUE,...: exit 1 when a pair's drift rises above, "
                                                  "e.g. prob_max_abs=0.05,peak_distance_max=0.1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
+@click.option("--html", "html_path", help="Write a self-contained HTML report.")
 @click.option("--html-inputs", type=int, default=50, show_default=True,
               help="Inputs the report shows with pictures (the worst ones); summary and histograms cover all.")
 @click.option("--out", "out_dir", help="Also write one PNG per input (overlays and differences) and "
@@ -321,6 +321,13 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
         models.append(AuditedModel(label, explainer, preprocessing))
     protected = {Path(p).resolve() for p in (*paths, *model_paths)}
     out = prepare_dir(out_dir) if out_dir else None
+    if html_path:                     # checked before the long run, not after it
+        try:
+            Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OnnxcamError(f"cannot create the folder of --html {html_path} ({exc.strerror})") from exc
+        if Path(html_path).is_dir():
+            raise OnnxcamError(f"--html {html_path} is a folder; give a file name such as report.html")
     kept, worst = [], WorstInputs(html_inputs if html_path else 0)
     for comparison in run_comparison(models, paths, method, target_policy, batch_size, max_channels,
                                      progress=_progress_printer("score-cam", "masked inputs"),
@@ -337,7 +344,6 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
     if out is not None:
         write_json(out / "compare.json", document, protected)
     if html_path:
-        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
         page = html_report(models, kept, pairs, method, target_policy, alpha, detailed=worst.ordered())
         write_bytes_atomic(html_path, page.encode("utf-8"), protected)
     if as_json:

@@ -212,6 +212,7 @@ def test_bad_input_is_one_line(torch_net_and_twin, photo_dir, tmp_path):
         "gate it with --fail-over": [nchw, twin, photo_dir, "--fail-under", "kl_max=1"],
         "does not exist": [nchw, tmp_path / "missing.onnx", photo_dir],
         "unknown CAM method": [nchw, twin, photo_dir, "--method", "nope"],
+        "need --deletion": [nchw, twin, photo_dir, "--fail-over", "deletion_auc_diff_max=0.1"],
     }
     for message, args in cases.items():
         result = run([*args, "--html", tmp_path / "report.html"])
@@ -219,6 +220,9 @@ def test_bad_input_is_one_line(torch_net_and_twin, photo_dir, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (message, lines)
         assert not (tmp_path / "report.html").exists()
+    (tmp_path / "folder.html").mkdir()
+    result = run([nchw, twin, photo_dir, "--html", tmp_path / "folder.html"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: --html") and "is a folder" in result.stderr
 
 
 def test_out_folder_and_html(torch_net_and_twin, photo_dir, tmp_path):
@@ -335,5 +339,3 @@ def test_deletion_auc_difference(torch_net_and_twin, photo_dir):
     code, doc = run_json([nchw, twin, photo_dir, "--node", "/act2/Relu", "--deletion",
                           "--preprocess", "-", "--preprocess", "mean=0.5,0.5,0.5"])
     assert doc["pairs"][0]["deletion_auc_diff_max"] > 1e-3
-    result = run([nchw, twin, photo_dir, "--fail-over", "deletion_auc_diff_max=0.1"])
-    assert result.exit_code == 1 and "need --deletion" in result.stderr
