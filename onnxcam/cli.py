@@ -258,10 +258,10 @@ def _preprocess_spec(loaded, text: str | None):
 @click.option("--fail-over", multiple=True, help="KEY=VALUE,...: exit 1 when a pair's drift rises above, "
                                                  "e.g. prob_max_abs=0.05,peak_distance_max=0.1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-@click.option("--html", "html_path", help="Write a self-contained HTML report.")
+@click.option("--html", "html_path", metavar="FILE", help="Write a self-contained HTML report.")
 @click.option("--html-inputs", type=int, default=50, show_default=True,
               help="Inputs the report shows with pictures (the worst ones); summary and histograms cover all.")
-@click.option("--out", "out_dir", help="Also write one PNG per input (overlays and differences) and "
+@click.option("--out", "out_dir", metavar="DIR", help="Also write one PNG per input (overlays and differences) and "
                                        "compare.json into this folder.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Heatmap weight in the overlays.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
