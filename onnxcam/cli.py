@@ -222,7 +222,8 @@ def _per_model(values: tuple[str, ...], count: int, flag: str, default):
 
 
 def _preprocess_spec(loaded, text: str | None):
-    """--preprocess 'size=H,W;mean=..;std=..;scale=..;layout=NHWC;color=BGR' ('-': the model's defaults)."""
+    """--preprocess 'size=H,W;mean=..;std=..;scale=..;layout=NHWC;color=BGR' ('-': the model's defaults)
+    -> (Preprocessing, the layout the Explainer must use or None to let the model's shape say)."""
     fields = {}
     for part in (p.strip() for p in (text or "").split(";")):
         if not part or part == "-":
@@ -237,9 +238,24 @@ def _preprocess_spec(loaded, text: str | None):
     scale = _floats(fields.get("scale"), "--preprocess scale")
     if fields.get("layout") and fields["layout"].upper() not in ("NCHW", "NHWC"):
         raise OnnxcamError(f"--preprocess layout={fields['layout']} must be NCHW or NHWC")
-    return _preprocessing(loaded, _size(fields.get("size")), _floats(fields.get("mean"), "--preprocess mean"),
-                          _floats(fields.get("std"), "--preprocess std"), scale[0] if scale else None,
-                          fields.get("layout"), fields.get("color", "RGB").upper() == "BGR")
+    preprocessing = _preprocessing(loaded, _size(fields.get("size")),
+                                   _floats(fields.get("mean"), "--preprocess mean"),
+                                   _floats(fields.get("std"), "--preprocess std"), scale[0] if scale else None,
+                                   fields.get("layout"), fields.get("color", "RGB").upper() == "BGR")
+    # images: the preprocessing's layout; arrays of other ranks come in the model's own layout
+    explicit = fields.get("layout") is not None or loaded.input.rank == 4
+    return preprocessing, preprocessing.layout if explicit else None
+
+
+def _unique_name(name: str, used: set[str]) -> str:
+    """``name``, or name_2, name_3, ... when an earlier input already took it (a/x.png and b/x.png)."""
+    stem, dot, ext = name.rpartition(".")
+    candidate, k = name, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{stem}_{k}{dot}{ext}"
+    used.add(candidate)
+    return candidate
 
 
 @main.command()
@@ -287,7 +303,7 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
     from .files import collect_inputs, output_stem
     from .methods import get_method
     from .model import load_model
-    from .outputs import prepare_dir, write_bytes_atomic, write_json, write_png
+    from .outputs import prepare_dir, write_bytes_atomic, write_png
 
     model_paths = [a for a in args if a.lower().endswith(".onnx")]
     input_specs = [a for a in args if not a.lower().endswith(".onnx")]
@@ -311,9 +327,9 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
     models, seen = [], set()
     for path, node, pre in zip(model_paths, nodes, pre_specs):
         loaded = load_model(path)
-        preprocessing = _preprocess_spec(loaded, pre)
+        preprocessing, layout = _preprocess_spec(loaded, pre)
         explainer = Explainer(loaded, node, provider=provider, grad_backend=grad_backend,
-                              layout=preprocessing.layout, probabilities=probabilities,
+                              layout=layout, probabilities=probabilities,
                               input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
         explainer.check_method(method)
         label = path if path not in seen else f"{path} #{len(models) + 1}"
@@ -328,21 +344,21 @@ def compare(args, method, node_specs, preprocess_specs, target_policy, fail_unde
             raise OnnxcamError(f"cannot create the folder of --html {html_path} ({exc.strerror})") from exc
         if Path(html_path).is_dir():
             raise OnnxcamError(f"--html {html_path} is a folder; give a file name such as report.html")
-    kept, worst = [], WorstInputs(html_inputs if html_path else 0)
+    kept, worst, names = [], WorstInputs(html_inputs if html_path else 0), set()
     for comparison in run_comparison(models, paths, method, target_policy, batch_size, max_channels,
                                      progress=_progress_printer("score-cam", "masked inputs"),
                                      batch_progress=_progress_printer("compared", "inputs",
                                                                       minimum=2 * batch_size),
                                      deletion=deletion):
         if out is not None:
-            write_png(out / (output_stem(comparison.path, method, None) + "_compare.png"),
-                      panel_grid(input_panels(comparison, models, alpha, side=None)), protected)
+            name = _unique_name(output_stem(comparison.path, method, None) + "_compare.png", names)
+            write_png(out / name, panel_grid(input_panels(comparison, models, alpha, side=None)), protected)
         worst.add(comparison)
         kept.append(comparison.measures_only())
     pairs = summarize(models, kept, under, over)
     document = report_json(models, kept, pairs, method, target_policy)
     if out is not None:
-        write_json(out / "compare.json", document, protected)
+        write_bytes_atomic(out / "compare.json", (json.dumps(document, indent=2) + "\n").encode(), protected)
     if html_path:
         page = html_report(models, kept, pairs, method, target_policy, alpha, detailed=worst.ordered())
         write_bytes_atomic(html_path, page.encode("utf-8"), protected)
