@@ -148,9 +148,21 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a pool of Ray actors on this machine or a cluster "
+                   "(needs onnxcam[ray]).")
+@click.option("--ray-address", help="Ray engine: cluster to join (auto: the one `ray start` runs here, or "
+                                    "HOST:PORT); default: start Ray on this machine's cores.")
+@click.option("--workers", type=int, help="Ray engine: actors explaining in parallel (default: the "
+                                          "cluster's CPUs / --worker-threads).")
+@click.option("--worker-threads", type=int, default=1, show_default=True,
+              help="Ray engine: ONNX Runtime threads (and CPUs reserved) per actor.")
+@click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True,
+              help="Ray engine: png writes overlays (and --npy maps) as files; parquet writes maps and "
+                   "summaries as a Parquet dataset into --out.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask):
+            overwrite, no_cache, labels, target_mask, engine, ray_address, workers, worker_threads, fmt):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -161,38 +173,76 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--batch-size must be at least 1")
     if top_k is not None and top_k < 1:
         raise OnnxcamError("--top-k must be at least 1")
+    if engine != "ray" and (ray_address or workers or worker_threads != 1 or fmt != "png"):
+        raise OnnxcamError("--ray-address, --workers, --worker-threads and --format need --engine ray")
+    if engine == "ray":
+        from .distributed import require_ray
+        require_ray()
     loaded = load_model(model)
     paths = collect_inputs(list(inputs))
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
-    explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
-                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
+    explainer_options = dict(provider=provider, grad_backend=grad_backend, layout=preprocessing.layout,
+                             probabilities=probabilities, cache=not no_cache,
+                             input_shape=preprocessing.probe_shape(loaded.input.shape))
+    explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
         raise OnnxcamError("--target-mask needs --target CLASS: the class whose logits the mask sums")
-    runner = FileExplainer(explainer, preprocessing, out_dir, methods,
-                           target=_target(target, class_names), target_mask=mask, class_names=class_names,
-                           top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
-                           overwrite=overwrite, max_channels=max_channels,
+    file_options = dict(target=_target(target, class_names), target_mask=mask, class_names=class_names,
+                        top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
+                        overwrite=overwrite, max_channels=max_channels)
+    if engine == "ray":
+        return _explain_on_ray(model, loaded, paths, out_dir, list(node_specs) or ["auto"], methods,
+                               preprocessing, explainer_options, file_options, as_json, top_k,
+                               ray_address, workers, worker_threads, fmt)
+    runner = FileExplainer(explainer, preprocessing, out_dir, methods, **file_options,
                            progress=_progress_printer("score-cam", "masked inputs"),
                            batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
         if not as_json:
-            name = f" ({result.class_name})" if result.class_name else ""
-            rank = f" top{result.rank}" if top_k else ""
-            click.echo(f"{result.path}: class {result.target}{name}{rank} score {result.score:.4f} "
-                       f"node {','.join(result.nodes)} {result.method} {result.seconds * 1000:.1f} ms"
-                       f" -> {', '.join(str(p) for p in result.written)}")
+            click.echo(_result_line(summaries[-1], top_k))
     if runner.skipped and not as_json:
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
                                "skipped": runner.skipped, "results": summaries}, indent=2))
+
+
+def _result_line(summary: dict, top_k) -> str:
+    name = f" ({summary['class_name']})" if summary["class_name"] else ""
+    rank = f" top{summary['rank']}" if top_k else ""
+    return (f"{summary['input']}: class {summary['class']}{name}{rank} score {summary['score']:.4f} "
+            f"node {','.join(summary['nodes'])} {summary['method']} {summary['seconds'] * 1000:.1f} ms"
+            f" -> {', '.join(summary['outputs'])}")
+
+
+def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing, explainer_options,
+                    file_options, as_json, top_k, address, workers, worker_threads, fmt):
+    """--engine ray: the same outputs and summary from a pool of Ray actors (onnxcam.distributed);
+    inputs that fail are listed on stderr and the exit code is 1 once the rest is done."""
+    from .distributed import explain_dataset, summary_json
+
+    run = explain_dataset(loaded, paths, out_dir, nodes=nodes, methods=methods, preprocessing=preprocessing,
+                          explainer_options=explainer_options, workers=workers, worker_threads=worker_threads,
+                          fmt=fmt, address=address, **file_options,
+                          on_result=None if as_json else lambda s: click.echo(_result_line(s, top_k)))
+    if as_json:
+        click.echo(json.dumps(summary_json(model, run), indent=2))
+    elif run.skipped:
+        click.echo(f"skipped {run.skipped} input(s) already explained in {out_dir} (use --overwrite)")
+    if run.parquet is not None and not as_json:
+        click.echo(f"wrote maps and summaries as Parquet into {run.parquet}")
+    for failure in run.failed:
+        click.echo(f"failed: {failure['error']}", err=True)
+    if run.failed:
+        click.echo(f"error: {len(run.failed)} input(s) could not be explained (listed above); "
+                   "the others were", err=True)
+        sys.exit(1)
 
 
 def read_labels(path: str) -> list[str]:

@@ -101,7 +101,7 @@ class FileExplainer:
                  methods: list[str], target=None, top_k: int | None = None, alpha: float = 0.5,
                  save_npy: bool = False, batch_size: int = 16, overwrite: bool = False,
                  max_channels: int | None = None, progress=None, target_mask=None,
-                 class_names: list[str] | None = None, batch_progress=None):
+                 class_names: list[str] | None = None, batch_progress=None, write_files: bool = True):
         if top_k is not None and target is not None:
             raise OnnxcamError("--target and --top-k exclude each other; pass one of them")
         self.explainer = explainer
@@ -119,6 +119,7 @@ class FileExplainer:
         self.batch_progress = batch_progress      # callable(done, total) after each batch of files
         self.target_mask = target_mask
         self.class_names = class_names if class_names is not None else explainer.model.class_names
+        self.write_files = write_files            # False: results carry their maps, nothing is written
 
     def class_name(self, index: int) -> str | None:
         if self.class_names and 0 <= index < len(self.class_names):
@@ -137,27 +138,36 @@ class FileExplainer:
         The next batch's files are decoded and preprocessed on a worker thread while the current
         batch runs (OpenCV and ONNX Runtime both release the GIL)."""
         protected = {p.resolve() for p in paths}
-        todo = [p for p in paths if self.overwrite or not all(o.exists() for o in self.expected_outputs(p))]
+        todo = self.todo(paths)
         self.skipped = len(paths) - len(todo)
         batches = [todo[lo:lo + self.batch_size] for lo in range(0, len(todo), self.batch_size)]
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = reader.submit(self._load_batch, batches[0]) if batches else None
             for index in range(len(batches)):
-                items, x = pending.result()
+                items = pending.result()
                 if index + 1 < len(batches):
                     pending = reader.submit(self._load_batch, batches[index + 1])
-                yield from self._explain_batch(items, x, protected)
+                yield from self.explain_items(items, protected)
                 if self.batch_progress is not None:
                     self.batch_progress(min((index + 1) * self.batch_size, len(todo)), len(todo))
 
-    def _load_batch(self, paths: list[Path]) -> tuple[list[InputItem], np.ndarray]:
+    def todo(self, paths: list[Path]) -> list[Path]:
+        """The inputs still to explain: all with ``overwrite``, else those missing an output (resume)."""
+        return [p for p in paths if self.overwrite or not all(o.exists() for o in self.expected_outputs(p))]
+
+    def _load_batch(self, paths: list[Path]) -> list[InputItem]:
         rank = self.explainer.model.input.rank
-        items = [load_input(p, self.preprocessing, rank) for p in paths]
+        return [load_input(p, self.preprocessing, rank) for p in paths]
+
+    def explain_items(self, items: list[InputItem], protected: set[Path] = frozenset()):
+        """Explain one batch of loaded inputs and write its outputs; yields one FileResult per map.
+
+        The single-process run and the Ray workers (onnxcam.distributed) both write through here."""
         shapes = {item.x.shape for item in items}
         if len(shapes) > 1:
             raise OnnxcamError(f"inputs of different shapes in one batch {sorted(shapes)}; "
                                "set --size so every image is resized alike")
-        return items, np.stack([item.x for item in items])
+        yield from self._explain_batch(items, np.stack([item.x for item in items]), protected)
 
     def _targets_per_rank(self, x: np.ndarray) -> list[np.ndarray | int | None]:
         if self.top_k is None:
@@ -181,19 +191,21 @@ class FileExplainer:
 
     def _write(self, item, i, explanations, rank, rank_tag, protected):
         results = []
+        grid = len(explanations) > 1 and self.write_files
         panels = [render.label_panel(item.rgb if item.rgb is not None else render.render_input(item.x),
-                                      "input")] if len(explanations) > 1 else []
+                                      "input")] if grid else []
         for method, explanation in explanations.items():
             cam = explanation.maps[i]
-            picture = draw(item, cam, self.alpha)
             stem = output_stem(item.path, method, rank_tag)
             written = []
-            if len(explanations) == 1:
-                written.append(outputs.write_png(self.out_dir / f"{stem}.png", picture, protected))
-            else:
-                panels.append(render.label_panel(picture, method))
-            if self.save_npy or item.rgb is None:
-                written.append(outputs.write_npy(self.out_dir / f"{stem}.npy", cam, protected))
+            if self.write_files:
+                picture = draw(item, cam, self.alpha)
+                if grid:
+                    panels.append(render.label_panel(picture, method))
+                else:
+                    written.append(outputs.write_png(self.out_dir / f"{stem}.png", picture, protected))
+                if self.save_npy or item.rgb is None:
+                    written.append(outputs.write_npy(self.out_dir / f"{stem}.npy", cam, protected))
             target = int(explanation.targets[i])
             results.append(FileResult(item.path, method, rank, target, self.class_name(target),
                                       float(explanation.scores[i]), explanation.nodes,
