@@ -222,17 +222,17 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
         raise OnnxcamError("--overwrite cannot rewrite a Parquet dataset in place; pass a new --out folder")
     run = DatasetRun(backend=explainer.gradient_backend_used, parquet=runner.out_dir if parquet else None)
 
-    user_rows = isinstance(inputs, ray.data.Dataset)
-    dataset, protected = _dataset(ray, inputs, runner, parquet, run)
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // worker_threads))
+    user_rows = isinstance(inputs, ray.data.Dataset)
+    dataset, protected = _dataset(ray, inputs, runner, parquet, run)
     proto = loaded.proto
     shipped = ray.put(proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else loaded.path)
     decoded = dataset.map(functools.partial(_decode, preprocessing=preprocessing, rank=loaded.input.rank),
                           num_cpus=DECODE_CPUS, concurrency=workers)
     explained = decoded.map_batches(
         _ExplainWorker, batch_size=runner.batch_size, batch_format="numpy", concurrency=workers,
-        num_cpus=worker_threads - DECODE_CPUS, max_restarts=-1, max_task_retries=-1,
+        num_cpus=worker_threads - DECODE_CPUS,
         fn_constructor_kwargs=dict(model=shipped, nodes=nodes, explainer_options=explainer_options,
                                    preprocessing=preprocessing, out_dir=str(runner.out_dir),
                                    methods=methods, file_options=file_options, threads=worker_threads,
@@ -256,7 +256,8 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
         run.results.append(summary)
         if on_result is not None:
             on_result(summary)
-    run.results.sort(key=lambda s: (s["input"], s["rank"], s["method"]))
+    order = {str(p): i for i, p in enumerate(inputs)} if not user_rows else {}
+    run.results.sort(key=lambda s: (order.get(s["input"], -1), s["input"], s["rank"], methods.index(s["method"])))
     return run
 
 
@@ -273,7 +274,10 @@ def _dataset(ray, inputs, runner: FileExplainer, parquet: bool, run: DatasetRun)
     else:
         todo = runner.todo(paths)
     run.skipped = len(paths) - len(todo)
-    return ray.data.from_items([{"path": str(p)} for p in todo]), frozenset(p.resolve() for p in paths)
+    # one block per batch: blocks are what Ray hands out, so one block would keep one actor busy
+    blocks = max(1, -(-len(todo) // runner.batch_size))
+    return (ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=blocks),
+            frozenset(p.resolve() for p in paths))
 
 
 def _not_done(row: dict, done: set[str]) -> bool:
