@@ -229,22 +229,56 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
     proto = loaded.proto
     shipped = ray.put(proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else loaded.path)
     decoded = dataset.map(functools.partial(_decode, preprocessing=preprocessing, rank=loaded.input.rank),
-                          num_cpus=DECODE_CPUS, concurrency=workers)
+                          num_cpus=DECODE_CPUS, compute=ray.data.TaskPoolStrategy(size=workers))
     explained = decoded.map_batches(
-        _ExplainWorker, batch_size=runner.batch_size, batch_format="numpy", concurrency=workers,
+        _ExplainWorker, batch_size=runner.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=worker_threads - DECODE_CPUS,
         fn_constructor_kwargs=dict(model=shipped, nodes=nodes, explainer_options=explainer_options,
                                    preprocessing=preprocessing, out_dir=str(runner.out_dir),
                                    methods=methods, file_options=file_options, threads=worker_threads,
                                    write_files=not parquet, protected=ray.put(protected),
                                    skip_done=user_rows and not parquet))
-    if parquet:
+    try:
+        _collect(explained, runner.out_dir if parquet else None, run, on_result)
+    except (OnnxcamError, KeyboardInterrupt):
+        raise
+    except Exception as exc:        # Ray wraps a worker's error in its own exceptions: one line instead
+        raise OnnxcamError(f"the Ray job failed: {_reason(exc)}") from exc
+    order = {str(p): i for i, p in enumerate(inputs)} if not user_rows else {}
+    run.results.sort(key=lambda s: (order.get(s["input"], -1), s["input"], s["rank"], methods.index(s["method"])))
+    return run
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause's message: an OnnxcamError raised in a worker keeps its own words."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OnnxcamError):
+            return str(exc)
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _collect(explained, parquet_dir: Path | None, run: DatasetRun, on_result) -> None:
+    """Run the pipeline and gather its summaries (streamed back, or read after the Parquet write)."""
+    if parquet_dir is not None:
         explained = explained.materialize()
-        explained.write_parquet(str(runner.out_dir))
+        explained.write_parquet(str(parquet_dir))
         rows = explained.drop_columns(["map", "map_shape"]).iter_rows()
     else:
         rows = explained.iter_rows()
+    seen = set()
     for row in rows:
+        key = (row["input"], row["rank"], row["method"])
+        if key in seen:                  # a batch retried after its worker died: reported once
+            continue
+        seen.add(key)
         if row["skipped"]:
             run.skipped += 1
             continue
@@ -256,9 +290,6 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
         run.results.append(summary)
         if on_result is not None:
             on_result(summary)
-    order = {str(p): i for i, p in enumerate(inputs)} if not user_rows else {}
-    run.results.sort(key=lambda s: (order.get(s["input"], -1), s["input"], s["rank"], methods.index(s["method"])))
-    return run
 
 
 def _dataset(ray, inputs, runner: FileExplainer, parquet: bool, run: DatasetRun):
