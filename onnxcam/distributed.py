@@ -84,6 +84,7 @@ def _decode(row: dict, preprocessing: Preprocessing, rank: int | None) -> dict:
     Rows hold a ``path`` and optionally an ``image`` (RGB uint8, H x W x 3) or an ``x`` already in the
     model's layout; a path alone is read from disk with files.load_input."""
     path = str(row["path"])
+    given = {"input": str(row.get("input") or path)}
     try:
         if row.get("x") is not None:
             x, rgb = np.asarray(row["x"], np.float32), None
@@ -96,8 +97,8 @@ def _decode(row: dict, preprocessing: Preprocessing, rank: int | None) -> dict:
             item = load_input(Path(path), preprocessing, rank)
             x, rgb = item.x, item.rgb
     except OnnxcamError as exc:
-        return {"path": path, "x": b"", "rgb": b"", "error": str(exc)}
-    return {"path": path, "x": _pack(x), "rgb": _pack(rgb), "error": ""}
+        return {"path": path, **given, "x": b"", "rgb": b"", "error": str(exc)}
+    return {"path": path, **given, "x": _pack(x), "rgb": _pack(rgb), "error": ""}
 
 
 def _rows(result, with_map: bool) -> dict:
@@ -137,12 +138,14 @@ class _ExplainWorker:
 
     def __call__(self, batch: dict) -> "pyarrow.Table":  # noqa: F821
         import pyarrow as pa
-        rows, items = [], []
-        for path, x, rgb, error in zip(batch["path"], batch["x"], batch["rgb"], batch["error"]):
+        rows, items, self.given = [], [], {}
+        for path, given, x, rgb, error in zip(batch["path"], batch["input"], batch["x"], batch["rgb"],
+                                              batch["error"]):
+            self.given[str(path)] = str(given)
             if error:
-                rows.append(_failure(str(path), str(error), self.with_map))
+                rows.append(_failure(str(given), str(error), self.with_map))
             elif self.skip_done and not self.runner.todo([Path(str(path))]):
-                rows.append(_failure(str(path), None, self.with_map, skipped=True))
+                rows.append(_failure(str(given), None, self.with_map, skipped=True))
             else:
                 items.append(InputItem(Path(str(path)), _unpack(x), _unpack(rgb)))
         groups: dict[tuple, list[InputItem]] = {}
@@ -154,10 +157,14 @@ class _ExplainWorker:
 
     def _explain(self, items: list[InputItem]) -> list[dict]:
         try:
-            return [_rows(r, self.with_map) for r in self.runner.explain_items(items, self.protected)]
+            rows = [_rows(r, self.with_map) for r in self.runner.explain_items(items, self.protected)]
         except OnnxcamError as exc:
             if len(items) == 1:
-                return [_failure(str(items[0].path), str(exc), self.with_map)]
+                return [_failure(self.given[str(items[0].path)], str(exc), self.with_map)]
+        else:
+            for row in rows:             # reported as the user gave it (workers read absolute paths)
+                row["input"] = self.given[row["input"]]
+            return rows
         # one bad input must not fail the batch: explain each alone to find which one it was
         return [row for item in items for row in self._explain([item])]
 
@@ -180,12 +187,26 @@ def connect(address: str | None = None, **init_options):
     start a local one on this machine's cores when ``address`` is None and none runs yet."""
     ray = require_ray()
     if not ray.is_initialized():
+        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_options)
         except ConnectionError as exc:
             raise OnnxcamError(f"cannot reach a Ray cluster at {address!r} ({exc}); start one with "
                                "`ray start --head` or drop --ray-address to use this machine") from exc
     return ray
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A HOST:PORT that does not answer is an error now: Ray itself would retry for minutes."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    import socket
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise OnnxcamError(f"no Ray cluster answers at {address} ({exc}); start one there with "
+                           "`ray start --head`, or drop --ray-address to use this machine") from exc
 
 
 def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), methods=("gradcam",),
@@ -235,12 +256,12 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=worker_threads - DECODE_CPUS,
         fn_constructor_kwargs=dict(model=shipped, nodes=nodes, explainer_options=explainer_options,
-                                   preprocessing=preprocessing, out_dir=str(runner.out_dir),
+                                   preprocessing=preprocessing, out_dir=str(runner.out_dir.resolve()),
                                    methods=methods, file_options=file_options, threads=worker_threads,
                                    write_files=not parquet, protected=ray.put(protected),
                                    skip_done=user_rows and not parquet))
     try:
-        _collect(explained, runner.out_dir if parquet else None, run, on_result)
+        _collect(explained, runner.out_dir, parquet, run, on_result)
     except (OnnxcamError, KeyboardInterrupt):
         raise
     except Exception as exc:        # Ray wraps a worker's error in its own exceptions: one line instead
@@ -265,8 +286,11 @@ def _reason(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def _collect(explained, parquet_dir: Path | None, run: DatasetRun, on_result) -> None:
-    """Run the pipeline and gather its summaries (streamed back, or read after the Parquet write)."""
+def _collect(explained, out_dir: Path, parquet: bool, run: DatasetRun, on_result) -> None:
+    """Run the pipeline and gather its summaries (streamed back, or read after the Parquet write);
+    output paths are reported under ``out_dir`` as given, as the single-process run does."""
+    absolute = out_dir.resolve()
+    parquet_dir = absolute if parquet else None
     if parquet_dir is not None:
         explained = explained.materialize()
         explained.write_parquet(str(parquet_dir))
@@ -286,7 +310,8 @@ def _collect(explained, parquet_dir: Path | None, run: DatasetRun, on_result) ->
             run.failed.append({"input": row["input"], "error": row["error"]})
             continue
         summary = {key: row[key] for key in SUMMARY_FIELDS}
-        summary["nodes"], summary["outputs"] = list(summary["nodes"]), list(summary["outputs"])
+        summary["nodes"] = list(summary["nodes"])
+        summary["outputs"] = [str(out_dir / Path(o).relative_to(absolute)) for o in summary["outputs"]]
         run.results.append(summary)
         if on_result is not None:
             on_result(summary)
@@ -307,7 +332,9 @@ def _dataset(ray, inputs, runner: FileExplainer, parquet: bool, run: DatasetRun)
     run.skipped = len(paths) - len(todo)
     # one block per batch: blocks are what Ray hands out, so one block would keep one actor busy
     blocks = max(1, -(-len(todo) // runner.batch_size))
-    return (ray.data.from_items([{"path": str(p)} for p in todo], override_num_blocks=blocks),
+    # absolute paths: workers of a cluster do not run in the driver's folder
+    return (ray.data.from_items([{"path": str(p.resolve()), "input": str(p)} for p in todo],
+                                override_num_blocks=blocks),
             frozenset(p.resolve() for p in paths))
 
 
