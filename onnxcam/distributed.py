@@ -141,7 +141,7 @@ class _ExplainWorker:
         rows, items, self.given = [], [], {}
         for path, given, x, rgb, error in zip(batch["path"], batch["input"], batch["x"], batch["rgb"],
                                               batch["error"]):
-            self.given[str(path)] = str(given)
+            self.given[str(Path(str(path)))] = str(given)   # keyed as FileResult spells the path
             if error:
                 rows.append(_failure(str(given), str(error), self.with_map))
             elif self.skip_done and not self.runner.todo([Path(str(path))]):
