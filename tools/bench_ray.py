@@ -6,10 +6,12 @@
 Runs, on the same image files and writing the same outputs (Grad-CAM overlays, atomically):
   single-process with 1 ONNX Runtime thread, and with --cpus threads (what `onnxcam explain` does);
   Ray with 1 actor and with --cpus actors, 1 thread each (`--engine ray --workers N`).
-Reports images/s, the scaling efficiency of N actors (rate(N) / (N x rate(1))), and Ray's cost:
-fixed (pipeline + actor start, from a one-batch run) and per batch (what is left after the fixed
-cost, over the single-process time, divided by the batches). Ray's own start-up (ray.init) is timed
-apart. Every Ray run's PNGs are checked byte-equal to the single-process ones. A script, not a test.
+Reports images/s end to end and in the steady state (from the first batch's outputs to the last, by
+the files' modification times, which every engine writes as it explains: actor start-up excluded), the scaling efficiency of N actors (steady rate(N) / (N x steady rate(1))),
+and Ray's cost: fixed (pipeline + actor start: time to the first results, over one single-process
+batch) and per batch (steady time per batch of one actor, over the single-process time per batch, both
+1 thread). Ray's own start-up (ray.init) is timed apart. Every run's PNGs are checked byte-equal to the
+single-process ones. A script, not a test.
 """
 from __future__ import annotations
 
@@ -59,8 +61,14 @@ def single(model, paths, out, threads, batch_size):
     explainer = Explainer(loaded, ["auto"], layout=pre.layout, threads=threads,
                           input_shape=pre.probe_shape(loaded.input.shape))
     runner = FileExplainer(explainer, pre, out, ["gradcam"], batch_size=batch_size, overwrite=True)
+    wall = time.time()
     count = sum(1 for _ in runner.run(paths))
-    return time.perf_counter() - start, count
+    return time.perf_counter() - start, count, written_at(out, wall)
+
+
+def written_at(out: Path, wall: float) -> list[float]:
+    """Seconds from the run's start at which each output file was written, in order."""
+    return sorted(p.stat().st_mtime - wall for p in out.glob("*.png"))
 
 
 def on_ray(model, paths, out, workers, batch_size):
@@ -70,13 +78,19 @@ def on_ray(model, paths, out, workers, batch_size):
 
     loaded = load_model(model)
     pre = Preprocessing.from_metadata(loaded.preprocess, loaded.input.shape)
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     run = explain_dataset(loaded, paths, out, methods=["gradcam"], preprocessing=pre, workers=workers,
                           worker_threads=1, batch_size=batch_size, overwrite=True,
                           explainer_options=dict(layout=pre.layout,
                                                  input_shape=pre.probe_shape(loaded.input.shape)))
     assert not run.failed, run.failed
-    return time.perf_counter() - start, len(run.results)
+    return time.perf_counter() - start, len(run.results), written_at(out, wall)
+
+
+def steady(stamps: list[float], batch_size: int) -> tuple[float, float]:
+    """(seconds to the first batch's outputs, images/s after them)."""
+    first = stamps[batch_size - 1]
+    return first, (len(stamps) - batch_size) / max(1e-9, stamps[-1] - first)
 
 
 def same_pngs(a: Path, b: Path) -> bool:
@@ -107,26 +121,27 @@ def main():
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"ray.init: {time.perf_counter() - start:.2f} s (once per job, not counted below)")
-        batches = -(-len(paths) // args.batch_size)
         rows = {}
         rows["single, 1 thread"] = single(args.model, paths, work / "s1", 1, args.batch_size)
         rows[f"single, {args.cpus} threads"] = single(args.model, paths, work / "sN", args.cpus, args.batch_size)
-        fixed_single = single(args.model, paths[: args.batch_size], work / "s1b", 1, args.batch_size)[0]
-        fixed_ray = on_ray(args.model, paths[: args.batch_size], work / "r1b", 1, args.batch_size)[0]
         rows["ray, 1 worker"] = on_ray(args.model, paths, work / "r1", 1, args.batch_size)
         rows[f"ray, {args.cpus} workers"] = on_ray(args.model, paths, work / "rN", args.cpus, args.batch_size)
-        for name, (seconds, count) in rows.items():
+        rates = {}
+        for name, (seconds, count, stamps) in rows.items():
             assert count == len(paths), (name, count)
-            print(f"{name:>22}: {seconds:7.2f} s  {len(paths) / seconds:7.1f} images/s")
-        rate1 = len(paths) / rows["ray, 1 worker"][0]
-        rate_n = len(paths) / rows[f"ray, {args.cpus} workers"][0]
-        print(f"scaling efficiency, {args.cpus} workers vs 1: {rate_n / (args.cpus * rate1):.2f} "
-              f"({rate_n / rate1:.2f}x)")
-        print(f"ray vs single (1 thread each): {rows['single, 1 thread'][0] / rows['ray, 1 worker'][0]:.2f}x")
-        per_batch = ((rows["ray, 1 worker"][0] - fixed_ray) - (rows["single, 1 thread"][0] - fixed_single)) \
-            / max(1, batches - 1)
-        print(f"ray fixed cost per run (one-batch run, over single-process): {fixed_ray - fixed_single:.2f} s; "
-              f"per batch of {args.batch_size}: {per_batch * 1000:.0f} ms")
+            first, rates[name] = steady(stamps, args.batch_size)
+            print(f"{name:>22}: {seconds:7.2f} s  {len(paths) / seconds:6.1f} images/s end to end; "
+                  f"first batch after {first:5.2f} s, then {rates[name]:6.1f} images/s")
+        one, many = rates["ray, 1 worker"], rates[f"ray, {args.cpus} workers"]
+        print(f"scaling efficiency (steady), {args.cpus} workers vs 1: {many / (args.cpus * one):.2f} "
+              f"({many / one:.2f}x); vs single-process with {args.cpus} threads: "
+              f"{many / rates[f'single, {args.cpus} threads']:.2f}x")
+        first_single = steady(rows["single, 1 thread"][2], args.batch_size)[0]
+        first_ray = steady(rows["ray, 1 worker"][2], args.batch_size)[0]
+        per_batch = args.batch_size / one - args.batch_size / rates["single, 1 thread"]
+        print(f"ray fixed cost per run (first outputs, over single-process): {first_ray - first_single:.2f} s; "
+              f"per batch of {args.batch_size}: {per_batch * 1000:.0f} ms "
+              f"({per_batch / (args.batch_size / rates['single, 1 thread']):+.0%})")
         same = all(same_pngs(work / "s1", work / d) for d in ("sN", "r1", "rN"))
         print(f"PNGs byte-equal across all runs: {same}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
