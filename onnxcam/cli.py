@@ -5,11 +5,14 @@ Every OnnxcamError becomes one line on stderr and exit code 1; nothing else is p
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from dataclasses import replace
 
 import click
 
+from .cli_io import model_io_options, read_feeds
 from .errors import OnnxcamError
 from .gradients import BACKENDS
 from .runtime import PROVIDERS
@@ -26,16 +29,49 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise OnnxcamError(f"{name} {text!r} must be numbers separated by commas, e.g. 0.485,0.456,0.406") from exc
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
+def _size_values(text: str | None) -> tuple[int, ...] | None:
+    """--size as 1 to 3 positive ints: L (signals), H,W (images; one number for a square), D,H,W."""
     if text is None:
         return None
     try:
         values = [int(v) for v in text.lower().replace("x", ",").replace(" ", ",").split(",") if v]
     except ValueError as exc:
-        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224") from exc
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224")
+        raise OnnxcamError(f"--size {text!r} must be L, HEIGHT,WIDTH or D,H,W, e.g. 224,224") from exc
+    if len(values) not in (1, 2, 3) or min(values) <= 0:
+        raise OnnxcamError(f"--size {text!r} must be L, HEIGHT,WIDTH or D,H,W, e.g. 224,224")
+    return tuple(values)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """--size for images: (height, width)."""
+    values = _size_values(text)
+    if values is None:
+        return None
+    if len(values) == 3:
+        raise OnnxcamError(f"--size {text!r} has three values (D,H,W) but the model takes images; give HEIGHT,WIDTH")
     return (values[0], values[-1])
+
+
+def _probe_input_shape(loaded, preprocessing, size_text: str | None, layout: str | None):
+    """The batch-1 input shape for the one probe run that measures layer shapes: from the image
+    preprocessing for image models, from --size (L or D,H,W) for signals and volumes."""
+    shape = loaded.input.shape
+    if shape is None or len(shape) == 4:
+        return preprocessing.probe_shape(shape)
+    values = _size_values(size_text)
+    if values is None:
+        return None
+    spatial = len(shape) - 2
+    if len(values) != spatial:
+        raise OnnxcamError(f"--size {size_text!r} gives {len(values)} value(s) but the model's input "
+                           f"{loaded.input.name} has {spatial} spatial axes; give {'L' if spatial == 1 else 'D,H,W'}")
+    from . import layouts
+    channels_first = (layouts.normalize_layout(layout) or layouts.input_layout(shape)) == layouts.FIRST
+    channels = shape[1] if channels_first else shape[-1]
+    if not isinstance(channels, int) or channels <= 0:
+        raise OnnxcamError(f"the channel axis of input {loaded.input.name} is symbolic; onnxcam cannot guess "
+                           "the probe shape")
+    return (1, channels, *values) if channels_first else (1, *values, channels)
 
 
 class _Group(click.Group):
@@ -50,6 +86,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use smaller inputs or --size, a smaller --batch-size, or a "
+                       "lower --max-pixels", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group)
@@ -58,9 +98,11 @@ def main():
     """Class activation maps (Grad-CAM, Score-CAM, LayerCAM, ...) for any ONNX model."""
 
 
-def _preprocessing(model, size, mean, std, scale, layout, bgr):
+def _preprocessing(model, size, mean, std, scale, layout, bgr, preset=None):
     from .preprocess import Preprocessing
     base = Preprocessing.from_metadata(model.preprocess, model.input.shape)
+    if preset:
+        base = base.with_preset(preset)
     fields = {}
     if size is not None:
         fields["size"] = size
@@ -141,6 +183,10 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
 @click.option("--overwrite", is_flag=True, help="Explain inputs again even if their outputs exist.")
+@click.option("--max-pixels", type=int, default=100_000_000, show_default=True,
+              help="Refuse images whose header declares more pixels (read before decoding; 0: no limit).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first input that cannot be read (default: "
+                                                "report it, skip it, exit 1 at the end).")
 @click.option("--no-cache", is_flag=True, help="Build the augmented model afresh instead of reading it "
                                                "from the cache ($ONNXCAM_CACHE_DIR or ~/.cache/onnxcam).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class names, one per line (overrides "
@@ -152,7 +198,7 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
               help="local: this process; ray: a pool of Ray actors on this machine or a cluster "
                    "(needs onnxcam[ray]).")
 @click.option("--ray-address", help="Ray engine: cluster to join (auto: the one `ray start` runs here, or "
-                                    "HOST:PORT); default: start Ray on this machine's cores.")
+                                    "HOST:PORT); default: that one if any, else Ray on this machine's cores.")
 @click.option("--workers", type=int, help="Ray engine: actors explaining in parallel (default: the "
                                           "cluster's CPUs / --worker-threads).")
 @click.option("--worker-threads", type=int, default=1, show_default=True,
@@ -160,9 +206,11 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True,
               help="Ray engine: png writes overlays (and --npy maps) as files; parquet writes maps and "
                    "summaries as a Parquet dataset into --out.")
+@model_io_options
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask, engine, ray_address, workers, worker_threads, fmt):
+            overwrite, max_pixels, fail_fast, no_cache, labels, target_mask, input_name, feed_specs,
+            output_name, class_axis, preset, engine, ray_address, workers, worker_threads, fmt):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -173,76 +221,123 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--batch-size must be at least 1")
     if top_k is not None and top_k < 1:
         raise OnnxcamError("--top-k must be at least 1")
+    if max_pixels < 0:
+        raise OnnxcamError("--max-pixels must be 0 (no limit) or a positive pixel count")
     if engine != "ray" and (ray_address or workers or worker_threads != 1 or fmt != "png"):
         raise OnnxcamError("--ray-address, --workers, --worker-threads and --format need --engine ray")
     if engine == "ray":
         from .distributed import require_ray
         require_ray()
-    loaded = load_model(model)
+        if fail_fast:
+            raise OnnxcamError("--fail-fast applies to --engine local; the Ray engine reports unreadable "
+                               "inputs and goes on")
+    if max_channels is not None and max_channels < 1:
+        raise OnnxcamError("--max-channels must be at least 1")
+    if not math.isfinite(alpha):
+        raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
+    if scale is not None and not math.isfinite(scale):
+        raise OnnxcamError(f"--scale {scale} must be a finite number")
+    loaded = load_model(model, input=input_name)
+    images = loaded.input.rank in (None, 4)
+    parsed_size = _size(size) if images else None
+    if parsed_size is not None and parsed_size[0] * parsed_size[1] > (max_pixels or 100_000_000):
+        raise OnnxcamError(f"--size {size} is {parsed_size[0] * parsed_size[1] / 1e6:g} megapixels, over the "
+                           f"--max-pixels limit; pass a smaller size")
     paths = collect_inputs(list(inputs))
-    preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
-                                   scale, layout, bgr)
-    explainer_options = dict(provider=provider, grad_backend=grad_backend, layout=preprocessing.layout,
-                             probabilities=probabilities, cache=not no_cache,
-                             input_shape=preprocessing.probe_shape(loaded.input.shape))
+    preprocessing = _preprocessing(loaded, parsed_size, _floats(mean, "--mean"), _floats(std, "--std"),
+                                   scale, layout, bgr, preset)
+    notices = []
+    if images and not loaded.preprocess and not (preset or mean or std or scale is not None):
+        notices.append("the model carries no preprocessing metadata, so images are fed as RGB x/255 with no "
+                       "mean/std; pass --preset NAME or --mean/--std/--scale if it was trained otherwise")
+    explainer_options = dict(provider=provider, grad_backend=grad_backend,
+                             layout=layout or preprocessing.explainer_layout(loaded.input.rank),
+                             probabilities=probabilities,
+                             input_shape=_probe_input_shape(loaded, preprocessing, size, layout),
+                             cache=not no_cache, feeds=read_feeds(feed_specs), output=output_name,
+                             class_axis=class_axis)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options)
-    methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
+    if method == "all":
+        methods, skipped_methods = applicable_methods(explainer, with_reasons=True)
+        notices += [f"--method all skips {name}: {why}" for name, why in skipped_methods]
+    else:
+        methods = [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
         raise OnnxcamError("--target-mask needs --target CLASS: the class whose logits the mask sums")
     file_options = dict(target=_target(target, class_names), target_mask=mask, class_names=class_names,
                         top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
-                        overwrite=overwrite, max_channels=max_channels)
+                        overwrite=overwrite, max_channels=max_channels, max_pixels=max_pixels or None)
     if engine == "ray":
         return _explain_on_ray(model, loaded, paths, out_dir, list(node_specs) or ["auto"], methods,
-                               preprocessing, explainer_options, file_options, as_json, top_k,
+                               preprocessing, explainer_options, file_options, as_json, top_k, notices,
                                ray_address, workers, worker_threads, fmt)
     runner = FileExplainer(explainer, preprocessing, out_dir, methods, **file_options,
                            progress=_progress_printer("score-cam", "masked inputs"),
-                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
+                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
+                           fail_fast=fail_fast,
+                           on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
+        if result.notice:
+            notices.append(f"{result.path} ({result.method}): {result.notice}")
         if not as_json:
             click.echo(_result_line(summaries[-1], top_k))
     if runner.skipped and not as_json:
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
+    for notice in notices:   # after the results: a run that fails says only its error
+        click.echo(f"notice: {notice}", err=True)
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
-                               "skipped": runner.skipped, "results": summaries}, indent=2))
+                               "skipped": runner.skipped, "results": summaries, "notices": notices,
+                               "failed": [{"input": str(p), "error": m} for p, m in runner.failures]},
+                              indent=2, allow_nan=False))
+    if runner.failures:
+        raise OnnxcamError(f"{len(runner.failures)} of {len(paths)} input(s) could not be read and were "
+                           "skipped (errors above); fix or remove them (--fail-fast stops at the first)")
 
 
 def _result_line(summary: dict, top_k) -> str:
     name = f" ({summary['class_name']})" if summary["class_name"] else ""
     rank = f" top{summary['rank']}" if top_k else ""
-    return (f"{summary['input']}: class {summary['class']}{name}{rank} score {summary['score']:.4f} "
+    score = f"{summary['score']:.4f}" if summary["score"] is not None else "nan"
+    return (f"{summary['input']}: class {summary['class']}{name}{rank} score {score} "
             f"node {','.join(summary['nodes'])} {summary['method']} {summary['seconds'] * 1000:.1f} ms"
             f" -> {', '.join(summary['outputs'])}")
 
 
 def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing, explainer_options,
-                    file_options, as_json, top_k, address, workers, worker_threads, fmt):
-    """--engine ray: the same outputs and summary from a pool of Ray actors (onnxcam.distributed);
-    inputs that fail are listed on stderr and the exit code is 1 once the rest is done."""
-    from .distributed import explain_dataset, summary_json
+                    file_options, as_json, top_k, notices, address, workers, worker_threads, fmt):
+    """--engine ray: the same outputs, summary and failure report from a pool of Ray actors
+    (onnxcam.distributed)."""
+    from .distributed import explain_dataset
+
+    def shown(summary):
+        if summary["notice"]:
+            notices.append(f"{summary['input']} ({summary['method']}): {summary['notice']}")
+        if not as_json:
+            click.echo(_result_line(summary, top_k))
 
     run = explain_dataset(loaded, paths, out_dir, nodes=nodes, methods=methods, preprocessing=preprocessing,
                           explainer_options=explainer_options, workers=workers, worker_threads=worker_threads,
-                          fmt=fmt, address=address, **file_options,
-                          on_result=None if as_json else lambda s: click.echo(_result_line(s, top_k)))
-    if as_json:
-        click.echo(json.dumps(summary_json(model, run), indent=2))
-    elif run.skipped:
+                          fmt=fmt, address=address, on_result=shown, **file_options)
+    for failure in run.failed:
+        click.echo(f"error: {failure['error']}", err=True)
+    if run.skipped and not as_json:
         click.echo(f"skipped {run.skipped} input(s) already explained in {out_dir} (use --overwrite)")
     if run.parquet is not None and not as_json:
         click.echo(f"wrote maps and summaries as Parquet into {run.parquet}")
-    for failure in run.failed:
-        click.echo(f"failed: {failure['error']}", err=True)
+    for notice in notices:
+        click.echo(f"notice: {notice}", err=True)
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "backend": run.backend, "skipped": run.skipped,
+                               "results": run.results, "notices": notices, "failed": run.failed},
+                              indent=2, allow_nan=False))
     if run.failed:
-        click.echo(f"error: {len(run.failed)} input(s) could not be explained (listed above); "
-                   "the others were", err=True)
-        sys.exit(1)
+        raise OnnxcamError(f"{len(run.failed)} of {len(paths)} input(s) could not be read and were "
+                           "skipped (errors above); fix or remove them")
 
 
 def read_labels(path: str) -> list[str]:
@@ -265,9 +360,13 @@ def read_mask(path: str):
     from .preprocess import read_image
     if Path(path).suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32)
+            mask = np.load(path, allow_pickle=False).astype(np.float32)
         except Exception as exc:
-            raise OnnxcamError(f"--target-mask {path} is not a readable .npy array ({exc})") from exc
+            raise OnnxcamError(f"--target-mask {path} is not a readable numeric .npy array "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not np.isfinite(mask).all():
+            raise OnnxcamError(f"--target-mask {path} holds NaN or infinite values")
+        return mask
     return (read_image(path).max(axis=-1) > 0).astype(np.float32)
 
 
@@ -294,7 +393,8 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
         raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
+                          layout=preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
                           input_shape=preprocessing.probe_shape(loaded.input.shape))
     augmented = explainer.augmented_gradient_model()
     data = augmented.proto.SerializeToString()
@@ -307,6 +407,37 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
                f"outputs {', '.join(augmented.output_names)}")
 
 
+@main.group("cache")
+def cache_group():
+    """Inspect or empty the augmented-model cache ($ONNXCAM_CACHE_DIR, default ~/.cache/onnxcam;
+    capped at $ONNXCAM_CACHE_MAX_MB megabytes, default 2048, least recently used entries evicted)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info(as_json):
+    """Folder, number of entries, size and cap."""
+    from .cache import default_cache_dir
+    from .cache_limits import info
+    facts = info(default_cache_dir())
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{facts['folder']}: {facts['entries']} entr{'y' if facts['entries'] == 1 else 'ies'}, "
+               f"{facts['bytes'] / 2**20:.1f} MB of {facts['max_bytes'] / 2**20:.0f} MB"
+               + (f", {facts['temporaries']} leftover temporary file(s)" if facts["temporaries"] else ""))
+
+
+@cache_group.command("clear")
+def cache_clear():
+    """Remove every cached model (and leftover temporaries); other files are left alone."""
+    from .cache import default_cache_dir
+    from .cache_limits import clear
+    folder = default_cache_dir()
+    count, freed = clear(folder)
+    click.echo(f"removed {count} cached model(s), {freed / 2**20:.1f} MB, from {folder}")
+
+
 def _initializers(proto) -> set[str]:
     return {init.name for init in proto.graph.initializer}
 
@@ -314,8 +445,11 @@ def _initializers(proto) -> set[str]:
 def _target(text: str | None, class_names):
     if text is None:
         return None
-    if text.lstrip("-").isdigit():
-        return int(text)
+    if re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        value = int(text)
+        if value < 0:
+            raise OnnxcamError(f"--target {text!r} must be a class index >= 0 or a class name")
+        return value
     names = class_names or []
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:
@@ -323,17 +457,19 @@ def _target(text: str | None, class_names):
     raise OnnxcamError(f"--target {text!r} is neither a class index nor a class name of this model")
 
 
-def applicable_methods(explainer) -> list[str]:
-    """Every method that can run on this model and node (for --method all)."""
+def applicable_methods(explainer, with_reasons: bool = False):
+    """Every method that can run on this model and node (for --method all); with_reasons: also the
+    (method, why) pairs of those that cannot."""
     from .methods import METHODS
-    chosen = []
+    chosen, skipped = [], []
     for name in METHODS:
         try:
             explainer.check_method(name)
-        except OnnxcamError:
+        except OnnxcamError as exc:
+            skipped.append((name, str(exc)))
             continue
         chosen.append(name)
-    return chosen
+    return (chosen, skipped) if with_reasons else chosen
 
 
 if __name__ == "__main__":

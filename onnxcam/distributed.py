@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import onnx
 from .errors import OnnxcamError
 from .explainer import Explainer
 from .files import FileExplainer, InputItem, load_input
+from .image_header import DEFAULT_MAX_PIXELS
 from .model import load_model
 from .preprocess import Preprocessing
 
@@ -40,7 +40,8 @@ FORMATS = ("png", "parquet")
 # Each actor and its decoding task together reserve --worker-threads CPUs: decoding needs little next to
 # explaining, and actors reserving every CPU would starve the readers (Ray Data then waits forever).
 DECODE_CPUS = 0.25
-SUMMARY_FIELDS = ("input", "method", "rank", "class", "class_name", "score", "nodes", "seconds", "outputs")
+SUMMARY_FIELDS = ("input", "method", "rank", "class", "class_name", "score", "nodes", "seconds", "outputs",
+                  "notice")
 
 
 def require_ray():
@@ -78,7 +79,7 @@ def _unpack(data) -> np.ndarray | None:
     return np.load(io.BytesIO(bytes(data)), allow_pickle=False) if data is not None and len(data) else None
 
 
-def _decode(row: dict, preprocessing: Preprocessing, rank: int | None) -> dict:
+def _decode(row: dict, preprocessing: Preprocessing, rank: int | None, max_pixels: int | None) -> dict:
     """One input row -> preprocessed array (and the photo for overlays), or the reason it failed.
 
     Rows hold a ``path`` and optionally an ``image`` (RGB uint8, H x W x 3) or an ``x`` already in the
@@ -94,10 +95,10 @@ def _decode(row: dict, preprocessing: Preprocessing, rank: int | None) -> dict:
                 raise OnnxcamError(f"input {path}: image of shape {rgb.shape} is not RGB (H, W, 3)")
             x = preprocessing.apply(rgb)
         else:
-            item = load_input(Path(path), preprocessing, rank)
+            item = load_input(Path(path), preprocessing, rank, max_pixels)
             x, rgb = item.x, item.rgb
-    except OnnxcamError as exc:
-        return {"path": path, **given, "x": b"", "rgb": b"", "error": str(exc)}
+    except OnnxcamError as exc:     # worded with the path as given, as the single-process run does
+        return {"path": path, **given, "x": b"", "rgb": b"", "error": str(exc).replace(path, given["input"])}
     return {"path": path, **given, "x": _pack(x), "rgb": _pack(rgb), "error": ""}
 
 
@@ -125,29 +126,32 @@ class _ExplainWorker:
     single-process writer, built once and reused for every batch it is given."""
 
     def __init__(self, model, nodes, explainer_options, preprocessing, out_dir, methods, file_options,
-                 threads, write_files, protected, skip_done=False):
+                 threads, write_files, protected, names=None, skip_done=False):
         import ray
-        model, protected = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (model, protected))
+        model, protected, names = (ray.get(v) if isinstance(v, ray.ObjectRef) else v
+                                   for v in (model, protected, names))
         proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
         explainer = Explainer(proto, nodes, threads=threads, **explainer_options)
         self.runner = FileExplainer(explainer, preprocessing, out_dir, methods, write_files=write_files,
                                     **file_options)
+        if names is not None:               # the run's inputs as given: outputs named as in one process
+            self.runner.name_outputs([Path(n) for n in names])
         self.protected = protected
         self.with_map = not write_files
         self.skip_done = skip_done          # rows of a user's Dataset: resume is checked here
 
     def __call__(self, batch: dict) -> "pyarrow.Table":  # noqa: F821
         import pyarrow as pa
-        rows, items, self.given = [], [], {}
-        for path, given, x, rgb, error in zip(batch["path"], batch["input"], batch["x"], batch["rgb"],
-                                              batch["error"]):
-            self.given[str(Path(str(path)))] = str(given)   # keyed as FileResult spells the path
+        rows, items = [], []
+        for given, x, rgb, error in zip(batch["input"], batch["x"], batch["rgb"], batch["error"]):
+            given = Path(str(given))        # names the outputs and the results; read as path already
             if error:
                 rows.append(_failure(str(given), str(error), self.with_map))
-            elif self.skip_done and not self.runner.todo([Path(str(path))]):
+            elif self.skip_done and not self.runner.overwrite and all(
+                    o.exists() for o in self.runner.expected_outputs(given)):
                 rows.append(_failure(str(given), None, self.with_map, skipped=True))
             else:
-                items.append(InputItem(Path(str(path)), _unpack(x), _unpack(rgb)))
+                items.append(InputItem(given, _unpack(x), _unpack(rgb)))
         groups: dict[tuple, list[InputItem]] = {}
         for item in items:                      # photos resized alike share one batch
             groups.setdefault(item.x.shape, []).append(item)
@@ -157,14 +161,10 @@ class _ExplainWorker:
 
     def _explain(self, items: list[InputItem]) -> list[dict]:
         try:
-            rows = [_rows(r, self.with_map) for r in self.runner.explain_items(items, self.protected)]
+            return [_rows(r, self.with_map) for r in self.runner.explain_items(items, self.protected)]
         except OnnxcamError as exc:
             if len(items) == 1:
-                return [_failure(self.given[str(items[0].path)], str(exc), self.with_map)]
-        else:
-            for row in rows:             # reported as the user gave it (workers read absolute paths)
-                row["input"] = self.given[row["input"]]
-            return rows
+                return [_failure(str(items[0].path), str(exc), self.with_map)]
         # one bad input must not fail the batch: explain each alone to find which one it was
         return [row for item in items for row in self._explain([item])]
 
@@ -174,7 +174,7 @@ def _schema(with_map: bool):
     fields = [("input", pa.string()), ("method", pa.string()), ("rank", pa.int32()), ("class", pa.int64()),
               ("class_name", pa.string()), ("score", pa.float64()), ("nodes", pa.list_(pa.string())),
               ("seconds", pa.float64()), ("outputs", pa.list_(pa.string())), ("error", pa.string()),
-              ("skipped", pa.bool_())]
+              ("skipped", pa.bool_()), ("notice", pa.string())]
     if with_map:
         fields += [("map", pa.list_(pa.float32())), ("map_shape", pa.list_(pa.int32()))]
     return pa.schema(fields)
@@ -228,8 +228,8 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
     if worker_threads < 1 or (workers is not None and workers < 1):
         raise OnnxcamError("--workers and --worker-threads must be at least 1")
     ray = connect(address)
-    explainer_options = dict(explainer_options or {})
-    loaded = load_model(model)
+    loaded = load_model(model, (explainer_options or {}).get("input"))
+    explainer_options = dict(explainer_options or {}, input=loaded.input.name)
     preprocessing = preprocessing or Preprocessing.from_metadata(loaded.preprocess, loaded.input.shape)
     nodes, methods = list(nodes), list(methods)
     # Built here first: bad flags fail before any worker starts, and the augmented model lands in the
@@ -249,7 +249,9 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
     dataset, protected = _dataset(ray, inputs, runner, parquet, run)
     proto = loaded.proto
     shipped = ray.put(proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else loaded.path)
-    decoded = dataset.map(functools.partial(_decode, preprocessing=preprocessing, rank=loaded.input.rank),
+    max_pixels = file_options.get("max_pixels", DEFAULT_MAX_PIXELS)
+    decoded = dataset.map(functools.partial(_decode, preprocessing=preprocessing, rank=loaded.input.rank,
+                                            max_pixels=max_pixels),
                           num_cpus=DECODE_CPUS, compute=ray.data.TaskPoolStrategy(size=workers))
     explained = decoded.map_batches(
         _ExplainWorker, batch_size=runner.batch_size, batch_format="numpy",
@@ -259,6 +261,7 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
                                    preprocessing=preprocessing, out_dir=str(runner.out_dir.resolve()),
                                    methods=methods, file_options=file_options, threads=worker_threads,
                                    write_files=not parquet, protected=ray.put(protected),
+                                   names=None if user_rows else ray.put([str(p) for p in inputs]),
                                    skip_done=user_rows and not parquet))
     try:
         _collect(explained, runner.out_dir, parquet, run, on_result)
@@ -328,7 +331,7 @@ def _dataset(ray, inputs, runner: FileExplainer, parquet: bool, run: DatasetRun)
         done = _parquet_done(runner.out_dir)
         todo = [p for p in paths if str(p) not in done]
     else:
-        todo = runner.todo(paths)
+        todo = runner.prepare(paths)
     run.skipped = len(paths) - len(todo)
     # one block per batch: blocks are what Ray hands out, so one block would keep one actor busy
     blocks = max(1, -(-len(todo) // runner.batch_size))
@@ -358,8 +361,3 @@ def _parquet_done(folder: Path) -> set[str]:
                     if not e)
     return done
 
-
-def summary_json(model: str, run: DatasetRun) -> dict:
-    """The JSON summary, as the single-process run prints it, plus the inputs that failed."""
-    return {"model": str(model), "backend": run.backend, "skipped": run.skipped, "results": run.results,
-            "failed": run.failed}

@@ -17,15 +17,36 @@ def jet_heatmap(cam: np.ndarray) -> np.ndarray:
 
 
 def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend ``(1 - alpha) * image + alpha * heatmap`` at the original image size (uint8 RGB)."""
+    """Blend ``(1 - alpha) * image + alpha * heatmap`` at the original image size (uint8 RGB).
+
+    All full-size work is uint8 and in place: the map is quantised to 0-255 at its own resolution,
+    then resized, coloured and blended into one buffer, so an overlay costs about 1.3x the image's
+    bytes on top of the image (a float32 blend would cost ~12x)."""
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
     height, width = rgb.shape[:2]
-    if cam.shape != (height, width):
-        cam = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    heat = jet_heatmap(cam).astype(np.float32)
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
-    return np.uint8(np.clip(np.rint(blended), 0, 255))
+    scaled = np.uint8(np.rint(np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0) * 255))
+    if scaled.shape != (height, width):
+        scaled = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+    del scaled
+    cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
+    cv2.addWeighted(np.ascontiguousarray(rgb, np.uint8), 1.0 - alpha, heat, alpha, 0.0, dst=heat)
+    return heat
+
+
+GRID_MAX_SIDE = 1024
+
+
+def fit_for_grid(rgb: np.ndarray, max_side: int = GRID_MAX_SIDE) -> np.ndarray:
+    """The photo downscaled (area averaging) so its longer side is at most ``max_side``: a grid of
+    full-size panels of a large photo would cost (methods + 1) x its bytes and show nothing more."""
+    height, width = rgb.shape[:2]
+    factor = max_side / max(height, width)
+    if factor >= 1:
+        return rgb
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def label_panel(image: np.ndarray, text: str) -> np.ndarray:

@@ -1,8 +1,10 @@
 """The on-disk model cache: hits, misses, damaged files and unwritable directories."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -11,6 +13,7 @@ from onnxcam import cache
 from onnxcam.cache import cache_key, cached_model, default_cache_dir
 
 from tiny_models import tiny_classifier
+from user_path import run_without_privileges
 
 PARTS = {"nodes": ["act"], "family": "gradient", "backend": "portable", "probabilities": False}
 
@@ -81,18 +84,39 @@ def test_key_changes_with_model_and_version(monkeypatch):
     assert cache_key(PARTS, tiny_classifier().SerializeToString()) != base
 
 
-@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root can write anywhere")
+UNWRITABLE_CHILD = """
+import json, os, sys
+from onnxcam.cache import cached_model
+from tiny_models import tiny_classifier
+calls = []
+built = tiny_classifier(channels=7)
+def build():
+    calls.append(1)
+    return built
+same = [cached_model({"nodes": ["act"]}, tiny_classifier(), build, cache_dir=sys.argv[1]) is built
+        for _ in range(2)]
+print(json.dumps({"calls": len(calls), "same": same, "entries": os.listdir(sys.argv[1])}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 def test_unwritable_dir_disables_caching(tmp_path):
+    """Run where permissions bind (as root: with every capability dropped, see user_path)."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        build = Builder(tiny_classifier(channels=7))
-        for _ in range(2):
-            assert cached_model(PARTS, tiny_classifier(), build, cache_dir=locked) is build.proto
-        assert build.calls == 2 and _entries(locked) == []
+        done = run_without_privileges(UNWRITABLE_CHILD, str(locked))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"calls": 2, "same": [True, True], "entries": []}
     finally:
         locked.chmod(0o700)
+
+
+def test_test_cache_is_keyed_by_the_source():
+    """The suite's cache folder is named by a digest of onnxcam's sources (tests/conftest.py)."""
+    import conftest
+    assert Path(os.environ["ONNXCAM_CACHE_DIR"]).name == conftest._source_digest()
 
 
 def test_cache_dir_that_is_a_file_disables_caching(tmp_path):
@@ -118,3 +142,57 @@ def test_default_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ONNXCAM_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "onnxcam"
+
+
+# ---- size cap, LRU eviction, `onnxcam cache info|clear` ------------------------------------------
+
+def _parts(i):
+    return dict(PARTS, nodes=[f"n{i}"])
+
+
+def test_cap_evicts_least_recently_used(tmp_path, monkeypatch):
+    model = tiny_classifier()
+    size = len(model.SerializeToString()) + 48
+    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", str(3.5 * size / 2**20))   # room for three entries
+    for i in range(3):
+        cached_model(_parts(i), model, Builder(model), cache_dir=tmp_path)
+    paths = {i: tmp_path / f"{cache_key(_parts(i), model.SerializeToString())}.onnxcam" for i in range(4)}
+    for age, i in ((300, 0), (200, 1), (100, 2)):
+        os.utime(paths[i], (os.path.getmtime(paths[i]) - age,) * 2)
+    hit = Builder(model)
+    cached_model(_parts(0), model, hit, cache_dir=tmp_path)          # a read makes entry 0 recent
+    assert hit.calls == 0
+    cached_model(_parts(3), model, Builder(model), cache_dir=tmp_path)
+    assert {i for i, p in paths.items() if p.exists()} == {0, 2, 3}   # 1 was least recently used
+
+
+def test_zero_cap_keeps_nothing_and_bad_cap_is_an_error(tmp_path, monkeypatch):
+    model = tiny_classifier()
+    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", "0")
+    cached_model(PARTS, model, Builder(model), cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.onnxcam"))
+    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", "lots")
+    from onnxcam.errors import OnnxcamError
+    with pytest.raises(OnnxcamError, match="ONNXCAM_CACHE_MAX_MB"):
+        cached_model(PARTS, model, Builder(model), cache_dir=tmp_path)
+
+
+def test_cache_info_and_clear_commands(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from onnxcam.cli import main
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
+    model = tiny_classifier()
+    for i in range(2):
+        cached_model(_parts(i), model, Builder(model))
+    (tmp_path / ".x.onnxcam.abcdefgh.tmp").write_bytes(b"partial")    # a killed writer's
+    (tmp_path / "mine.txt").write_text("not the cache's")
+    import json
+    info = json.loads(CliRunner().invoke(main, ["cache", "info", "--json"]).output)
+    assert info["entries"] == 2 and info["temporaries"] == 1 and info["max_bytes"] == 2048 * 2**20
+    assert info["bytes"] == sum(p.stat().st_size for p in tmp_path.glob("*.onnxcam"))
+    text = CliRunner().invoke(main, ["cache", "info"]).output
+    assert "2 entries" in text and "of 2048 MB" in text
+    result = CliRunner().invoke(main, ["cache", "clear"])
+    assert result.exit_code == 0 and "removed 2 cached model(s)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
