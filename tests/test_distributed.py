@@ -225,21 +225,20 @@ def test_efficientnet_64_photos_same_as_single_process(local_ray, efficientnet_t
 
 
 def test_cli_engine_ray_json_matches_local(local_ray, shapes_inputs, tmp_path):
-    """Same JSON as the local engine; the unreadable input is listed and makes the exit code 1."""
-    paths = [str(p) for p in shapes_inputs[:6]]
+    """Same JSON and the same per-input error lines as the local engine, with an unreadable input
+    among the others; both exit 1 after explaining the rest."""
     bad = tmp_path / "empty.jpg"
     bad.write_bytes(b"")
+    paths = [str(p) for p in shapes_inputs[:6]] + [str(bad)]
     runner = CliRunner()
     local = runner.invoke(main, ["explain", str(SHAPES), *paths, "--out", str(tmp_path / "a"), "--json"])
-    on_ray = runner.invoke(main, ["explain", str(SHAPES), *paths, str(bad), "--out", str(tmp_path / "b"),
-                                  "--json", "--engine", "ray", "--workers", "2"])
-    assert local.exit_code == 0 and on_ray.exit_code == 1, on_ray.output
-    assert on_ray.stderr.splitlines()[-2:] == [
-        f"failed: input {bad} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); pass an image file, "
-        "or a .npy array for non-image models",
-        "error: 1 input(s) could not be explained (listed above); the others were"]
+    on_ray = runner.invoke(main, ["explain", str(SHAPES), *paths, "--out", str(tmp_path / "b"), "--json",
+                                  "--engine", "ray", "--workers", "2"])
+    assert local.exit_code == 1 and on_ray.exit_code == 1, on_ray.output
+    errors = lambda r: r.stderr.splitlines()[:-1]  # noqa: E731  (the last line: the count and advice)
+    assert errors(on_ray) == errors(local) and len(errors(local)) == 1 and str(bad) in errors(local)[0]
+    assert on_ray.stderr.splitlines()[-1].startswith("error: 1 of 7 input(s) could not be read")
     a, b = json.loads(local.stdout), json.loads(on_ray.stdout)
-    assert [f["input"] for f in b.pop("failed")] == [str(bad)]
     strip = lambda r: [{k: v for k, v in s.items() if k not in ("seconds", "outputs")} for s in r]  # noqa: E731
     assert strip(a.pop("results")) == strip(b.pop("results")) and a == b
 
