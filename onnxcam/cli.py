@@ -305,7 +305,7 @@ def _result_line(summary: dict, top_k) -> str:
     score = f"{summary['score']:.4f}" if summary["score"] is not None else "nan"
     return (f"{summary['input']}: class {summary['class']}{name}{rank} score {score} "
             f"node {','.join(summary['nodes'])} {summary['method']} {summary['seconds'] * 1000:.1f} ms"
-            f" -> {', '.join(summary['outputs'])}")
+            + (f" -> {', '.join(summary['outputs'])}" if summary["outputs"] else ""))
 
 
 def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing, explainer_options,
