@@ -220,8 +220,10 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
     the pool (default: the cluster's CPUs // ``worker_threads``). ``fmt="parquet"`` writes maps and
     summaries as a Parquet dataset into ``out_dir`` instead of PNG/.npy files. ``file_options`` are
     FileExplainer's (target, top_k, alpha, save_npy, batch_size, overwrite, max_channels, target_mask,
-    class_names); ``explainer_options`` are Explainer's (provider, grad_backend, layout, probabilities,
-    input_shape, cache). ``on_result(summary)`` is called for each result as it arrives.
+    class_names, max_pixels); ``explainer_options`` are Explainer's (provider, grad_backend, layout,
+    probabilities, input_shape, cache, input, feeds, output, class_axis). ``on_result(summary)`` is
+    called for each result as it arrives. A Dataset's ``path`` stems name its outputs, so they must be
+    unique; file paths are named as the single-process run names them.
     """
     if fmt not in FORMATS:
         raise OnnxcamError(f"unknown format {fmt!r}; use png or parquet")
