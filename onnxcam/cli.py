@@ -136,15 +136,19 @@ def _input_options(command):
     return command
 
 
-def _explainer(loaded, node_specs, preprocessing, size, layout, provider, grad_backend, probabilities,
-               no_cache, feed_specs, output_name, class_axis):
-    """The Explainer that explain and evaluate build from their flags."""
+def _explainer_options(loaded, preprocessing, size, layout, provider, grad_backend, probabilities, no_cache,
+                       feed_specs, output_name, class_axis) -> dict:
+    """The Explainer keyword arguments explain (both engines) and evaluate build from their flags."""
+    return dict(provider=provider, grad_backend=grad_backend,
+                layout=layout or preprocessing.explainer_layout(loaded.input.rank), probabilities=probabilities,
+                input_shape=_probe_input_shape(loaded, preprocessing, size, layout), cache=not no_cache,
+                feeds=read_feeds(feed_specs), output=output_name, class_axis=class_axis)
+
+
+def _explainer(loaded, node_specs, preprocessing, *flags):
+    """The Explainer that explain and evaluate build from their flags (see _explainer_options)."""
     from .explainer import Explainer
-    return Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                     layout=layout or preprocessing.explainer_layout(loaded.input.rank),
-                     probabilities=probabilities,
-                     input_shape=_probe_input_shape(loaded, preprocessing, size, layout), cache=not no_cache,
-                     feeds=read_feeds(feed_specs), output=output_name, class_axis=class_axis)
+    return Explainer(loaded, list(node_specs) or ["auto"], **_explainer_options(loaded, preprocessing, *flags))
 
 
 @main.command()
@@ -216,12 +220,25 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a pool of Ray actors on this machine or a cluster "
+                   "(needs onnxcam[ray]).")
+@click.option("--ray-address", help="Ray engine: cluster to join (auto: the one `ray start` runs here, or "
+                                    "HOST:PORT); default: that one if any, else Ray on this machine's cores.")
+@click.option("--workers", type=int, help="Ray engine: actors explaining in parallel (default: the "
+                                          "cluster's CPUs / --worker-threads).")
+@click.option("--worker-threads", type=int, default=1, show_default=True,
+              help="Ray engine: ONNX Runtime threads (and CPUs reserved) per actor.")
+@click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True,
+              help="Ray engine: png writes overlays (and --npy maps) as files; parquet writes maps and "
+                   "summaries as a Parquet dataset into --out.")
 @model_io_options
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
             overwrite, max_pixels, fail_fast, no_cache, labels, target_mask, input_name, feed_specs,
-            output_name, class_axis, preset):
+            output_name, class_axis, preset, engine, ray_address, workers, worker_threads, fmt):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
+    from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
     from .methods import get_method
     from .model import load_model
@@ -232,6 +249,14 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--top-k must be at least 1")
     if max_pixels < 0:
         raise OnnxcamError("--max-pixels must be 0 (no limit) or a positive pixel count")
+    if engine != "ray" and (ray_address or workers or worker_threads != 1 or fmt != "png"):
+        raise OnnxcamError("--ray-address, --workers, --worker-threads and --format need --engine ray")
+    if engine == "ray":
+        from .distributed import require_ray
+        require_ray()
+        if fail_fast:
+            raise OnnxcamError("--fail-fast applies to --engine local; the Ray engine reports unreadable "
+                               "inputs and goes on")
     if max_channels is not None and max_channels < 1:
         raise OnnxcamError("--max-channels must be at least 1")
     if not math.isfinite(alpha):
@@ -251,8 +276,9 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     if images and not loaded.preprocess and not (preset or mean or std or scale is not None):
         notices.append("the model carries no preprocessing metadata, so images are fed as RGB x/255 with no "
                        "mean/std; pass --preset NAME or --mean/--std/--scale if it was trained otherwise")
-    explainer = _explainer(loaded, node_specs, preprocessing, size, layout, provider, grad_backend, probabilities,
-                           no_cache, feed_specs, output_name, class_axis)
+    explainer_options = _explainer_options(loaded, preprocessing, size, layout, provider, grad_backend,
+                                           probabilities, no_cache, feed_specs, output_name, class_axis)
+    explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options)
     if method == "all":
         methods, skipped_methods = applicable_methods(explainer, with_reasons=True)
         notices += [f"--method all skips {name}: {why}" for name, why in skipped_methods]
@@ -262,13 +288,17 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
         raise OnnxcamError("--target-mask needs --target CLASS: the class whose logits the mask sums")
-    runner = FileExplainer(explainer, preprocessing, out_dir, methods,
-                           target=_target(target, class_names), target_mask=mask, class_names=class_names,
-                           top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
-                           overwrite=overwrite, max_channels=max_channels,
+    file_options = dict(target=_target(target, class_names), target_mask=mask, class_names=class_names,
+                        top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
+                        overwrite=overwrite, max_channels=max_channels, max_pixels=max_pixels or None)
+    if engine == "ray":
+        return _explain_on_ray(model, loaded, paths, out_dir, list(node_specs) or ["auto"], methods,
+                               preprocessing, explainer_options, file_options, as_json, top_k, notices,
+                               ray_address, workers, worker_threads, fmt)
+    runner = FileExplainer(explainer, preprocessing, out_dir, methods, **file_options,
                            progress=_progress_printer("score-cam", "masked inputs"),
                            batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
-                           max_pixels=max_pixels or None, fail_fast=fail_fast,
+                           fail_fast=fail_fast,
                            on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
     summaries = []
     for result in runner.run(paths):
@@ -276,11 +306,7 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         if result.notice:
             notices.append(f"{result.path} ({result.method}): {result.notice}")
         if not as_json:
-            name = f" ({result.class_name})" if result.class_name else ""
-            rank = f" top{result.rank}" if top_k else ""
-            click.echo(f"{result.path}: class {result.target}{name}{rank} score {result.score:.4f} "
-                       f"node {','.join(result.nodes)} {result.method} {result.seconds * 1000:.1f} ms"
-                       f" -> {', '.join(str(p) for p in result.written)}")
+            click.echo(_result_line(summaries[-1], top_k))
     if runner.skipped and not as_json:
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
     for notice in notices:   # after the results: a run that fails says only its error
@@ -550,6 +576,47 @@ def evaluate(model, inputs, method_names, node_specs, metric_list, boxes_path, s
         click.echo(json.dumps(summary_json(str(model), len(paths), totals), indent=2))
     else:
         click.echo(table(totals, len(paths)))
+
+
+def _result_line(summary: dict, top_k) -> str:
+    name = f" ({summary['class_name']})" if summary["class_name"] else ""
+    rank = f" top{summary['rank']}" if top_k else ""
+    score = f"{summary['score']:.4f}" if summary["score"] is not None else "nan"
+    return (f"{summary['input']}: class {summary['class']}{name}{rank} score {score} "
+            f"node {','.join(summary['nodes'])} {summary['method']} {summary['seconds'] * 1000:.1f} ms"
+            + (f" -> {', '.join(summary['outputs'])}" if summary["outputs"] else ""))
+
+
+def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing, explainer_options,
+                    file_options, as_json, top_k, notices, address, workers, worker_threads, fmt):
+    """--engine ray: the same outputs, summary and failure report from a pool of Ray actors
+    (onnxcam.distributed)."""
+    from .distributed import explain_dataset
+
+    def shown(summary):
+        if summary["notice"]:
+            notices.append(f"{summary['input']} ({summary['method']}): {summary['notice']}")
+        if not as_json:
+            click.echo(_result_line(summary, top_k))
+
+    run = explain_dataset(loaded, paths, out_dir, nodes=nodes, methods=methods, preprocessing=preprocessing,
+                          explainer_options=explainer_options, workers=workers, worker_threads=worker_threads,
+                          fmt=fmt, address=address, on_result=shown, **file_options)
+    for failure in run.failed:
+        click.echo(f"error: {failure['error']}", err=True)
+    if run.skipped and not as_json:
+        click.echo(f"skipped {run.skipped} input(s) already explained in {out_dir} (use --overwrite)")
+    if run.parquet is not None and not as_json:
+        click.echo(f"wrote maps and summaries as Parquet into {run.parquet}")
+    for notice in notices:
+        click.echo(f"notice: {notice}", err=True)
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "backend": run.backend, "skipped": run.skipped,
+                               "results": run.results, "notices": notices, "failed": run.failed},
+                              indent=2, allow_nan=False))
+    if run.failed:
+        raise OnnxcamError(f"{len(run.failed)} of {len(paths)} input(s) could not be read and were "
+                           "skipped (errors above); fix or remove them")
 
 
 def read_labels(path: str) -> list[str]:
