@@ -121,3 +121,54 @@ def test_gradient_at_the_feature_map_equals_autograd(name, tmp_path):
     reference = features.grad.numpy()
     assert np.abs(reference).max() > 0
     assert np.abs(ours - reference).max() / np.abs(reference).max() <= 3e-6
+
+
+def _time_major_reference(method, net, x, targets):
+    """torch: A and d(sum over t of logits[t, n, target_n]) / dA at features[3], then the CAM maths."""
+    captured = []
+
+    def keep(_module, _inputs, out):
+        out.retain_grad()
+        captured.append(out)
+
+    handle = net.features[3].register_forward_hook(keep)
+    try:
+        logits = net(torch.from_numpy(x))                       # (T, N, K)
+        logits[:, torch.arange(len(x)), torch.as_tensor(targets)].sum().backward()
+    finally:
+        handle.remove()
+    A, G = captured[0].detach().numpy(), captured[0].grad.numpy()
+    return torch_oracle.final_maps([torch_oracle.layer_map(method, A, G)], x.shape[2:])
+
+
+@pytest.fixture(scope="module")
+def time_major_net(tmp_path_factory):
+    name = "lstm-time-major-output"
+    net, x = _net(name), _input()
+    path = tmp_path_factory.mktemp("tm") / "tm.onnx"
+    torch.onnx.export(net, (torch.from_numpy(x[:1]),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {1: "batch"}})
+    return net, x, str(path)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "hirescam", "xgradcam", "eigencam"])
+def test_time_major_output_through_the_api_equals_torch(time_major_net, method):
+    """A bidirectional LSTM tagger with a (T, N, K) output: the score of class k sums its logits over
+    time (onnxcam finds the batch on axis 1); the maps equal the torch reference."""
+    net, x, path = time_major_net
+    targets = [1, 4, 0]
+    result = Explainer(path, "features.3").explain(x, method=method, targets=targets)
+    reference = _time_major_reference(method, net, x, targets)
+    np.testing.assert_allclose(result.maps, reference, atol=TOLERANCE)
+
+
+def test_time_major_output_through_the_cli_equals_the_api(time_major_net, tmp_path):
+    from user_path import run_cli
+    net, x, path = time_major_net
+    np.save(tmp_path / "signal.npy", x[0])
+    result = run_cli("explain", path, tmp_path / "signal.npy", "--node", "features.3", "--target", "3",
+                     "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    from_cli = np.load(tmp_path / "out" / "signal_gradcam.npy")
+    np.testing.assert_allclose(from_cli, _time_major_reference("gradcam", net, x[:1], [3])[0], atol=TOLERANCE)
