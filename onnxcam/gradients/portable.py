@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import OnnxcamError
 from . import gradient_name
-from .rules import INTEGER_RULES, RULES, Emitter, Unsupported
+from .rules import DOMAIN_RULES, INTEGER_RULES, RULES, Emitter, Unsupported
 from .rules.base import FLOAT_TYPES
 
 MIN_OPSET = 11
@@ -59,6 +59,7 @@ def _dims(type_proto) -> tuple[int, list | None]:
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict:
+    model = _standard_qdq(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is a help, not a requirement
@@ -70,6 +71,20 @@ def _tensor_types(model: onnx.ModelProto) -> dict:
     for init in g.initializer:
         types[init.name] = (init.data_type, list(init.dims))
     return types
+
+
+def _standard_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For shape inference only: com.microsoft Q/DQ (which onnx cannot infer) read as the standard ops,
+    which compute the same shapes and types."""
+    contrib = [i for i, n in enumerate(model.graph.node)
+               if (n.domain, n.op_type) in DOMAIN_RULES and n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not contrib:
+        return model
+    copy_ = onnx.ModelProto()
+    copy_.CopyFrom(model)
+    for i in contrib:
+        copy_.graph.node[i].domain = ""
+    return copy_
 
 
 def _constants(graph: onnx.GraphProto, opset: int) -> dict[str, np.ndarray]:
@@ -228,7 +243,8 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
             continue
         need = [bool(i) and i in active for i in node.input]
         try:
-            rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            rule = (RULES.get(node.op_type) if node.domain in ("", "ai.onnx")
+                    else DOMAIN_RULES.get((node.domain, node.op_type)))
             if rule is None:
                 raise Unsupported("no gradient rule for this op")
             integers = [t for t in list(node.input) + list(node.output)
