@@ -152,6 +152,8 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except MemoryError:
         raise OnnxcamError(f"not enough memory to decode {path}; lower --max-pixels or free memory") from None
     except cv2.error as exc:
+        if "Insufficient memory" in str(exc):
+            raise OnnxcamError(f"not enough memory to decode {path}; lower --max-pixels or free memory") from None
         raise OnnxcamError(f"input {path} is not a readable image ({_cv2_reason(exc)})") from None
     if image is None:
         raise OnnxcamError(f"input {path} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); "

@@ -118,7 +118,7 @@ def test_bomb_without_the_limit_fails_in_one_line_under_a_memory_limit(tmp_path)
     bomb = write_bomb(tmp_path / "bomb.png", 30000, 30000)
     code, lines, _ = run_cli(LIMIT, "explain", MODEL, bomb, "--out", tmp_path / "o", "--max-pixels", "0")
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert "Traceback" not in "\n".join(lines)
+    assert "not enough memory" in lines[0] and "Traceback" not in "\n".join(lines)
 
 
 def test_overlay_memory_is_a_small_multiple_of_the_image(tmp_path):
