@@ -66,6 +66,22 @@ def test_limit_is_configurable(tmp_path):
     assert read_image(path, max_pixels=60_000).shape == (200, 300, 3)
 
 
+def test_opencv_backstop_limit_is_one_line(tmp_path):
+    """OpenCV's own limit (set from --max-pixels at the first read, for formats whose header onnxcam
+    does not parse) reads as one line saying which variable to raise."""
+    bomb = write_bomb(tmp_path / "bomb.png", 3000, 1000)
+    code = f"""
+import os
+os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = "1000000"
+from onnxcam.cli import main
+main(["explain", {str(MODEL)!r}, {str(bomb)!r}, "--out", {str(tmp_path / 'o')!r}, "--max-pixels", "0"])
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "OPENCV_IO_MAX_IMAGE_PIXELS=1000000" in lines[0], lines
+
+
 def test_truncated_png_is_one_line(tmp_path):
     path = write_png(tmp_path / "p.png", 300, 200, row=lambda y: bytes((y + x) % 256 for x in range(900)))
     path.write_bytes(path.read_bytes()[:200])
@@ -90,6 +106,7 @@ finally:
 
 def run_cli(limit: int, *args) -> tuple[int, list[str], float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ONNXCAM_THREADS": "1"}
+    env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)   # set by in-process reads of earlier tests
     proc = subprocess.run([sys.executable, "-c", CHILD, str(limit), *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=300)
     lines = proc.stderr.strip().splitlines()
