@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import OnnxcamError
+from .graph import GraphView, attribute, view_of
 
 PASS_THROUGH = {"Identity", "Dropout"}
 SHAPE_READERS = {"Shape", "Size"}  # consumers that read only metadata, never the values
@@ -41,93 +41,19 @@ class _NotCam(Exception):
         self.op, self.detail = op, detail
 
 
-class _Graph:
-    """Look-ups the walk needs: consumers, constant values, ranks."""
-
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in set(node.input):
-                self.consumers.setdefault(name, []).append(node)
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.shapes = _known_shapes(model)
-
-    def constant(self, name: str) -> np.ndarray | None:
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Identity":
-            return self.constant(node.input[0])
-        if node.op_type != "Constant":
-            return None
-        attr = node.attribute[0]
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name in ("value_float", "value_int"):
-            return np.array(onnx.helper.get_attribute_value(attr))
-        if attr.name in ("value_floats", "value_ints"):
-            return np.array(list(onnx.helper.get_attribute_value(attr)))
-        return None
-
-    def rank(self, name: str) -> int | None:
-        shape = self.shapes.get(name)
-        return None if shape is None else len(shape)
-
-    def next_node(self, name: str) -> onnx.NodeProto:
-        users = [n for n in self.consumers.get(name, []) if n.op_type not in SHAPE_READERS]
-        if not users:
-            raise _NotCam("nothing (it is not consumed by any node)")
-        if len(users) > 1:
-            raise _NotCam(" and ".join(sorted({n.op_type for n in users})), "several nodes")
-        return users[0]
+def _next_node(graph: GraphView, name: str) -> onnx.NodeProto:
+    """The one node that reads ``name``'s values (shape readers do not count)."""
+    users = [n for n in graph.consumers.get(name, []) if n.op_type not in SHAPE_READERS]
+    if not users:
+        raise _NotCam("nothing (it is not consumed by any node)")
+    if len(users) > 1:
+        raise _NotCam(" and ".join(sorted({n.op_type for n in users})), "several nodes")
+    return users[0]
 
 
-SMALL_CONSTANT_ELEMENTS = 1024  # shape-like constants that shape inference may need to read
-
-
-def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model's graph with large initializers reduced to type and dims: shape inference needs no more,
-    and copying a ResNet-50's weights made it 20× slower."""
-    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                            functions=model.functions)
-    graph = light.graph
-    for field in ("node", "input", "output", "value_info"):
-        getattr(graph, field).extend(getattr(model.graph, field))
-    for init in model.graph.initializer:
-        if int(np.prod(init.dims)) > SMALL_CONSTANT_ELEMENTS:
-            init = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
-        graph.initializer.append(init)
-    return light
-
-
-def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weight_data(model))
-    except Exception:  # shape inference is a help here, never a requirement
-        inferred = model
-    g = inferred.graph
-    shapes = {}
-    for info in list(g.value_info) + list(g.input) + list(g.output):
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
-                                 for d in info.type.tensor_type.shape.dim]
-    return shapes
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _axes(node: onnx.NodeProto, graph: _Graph) -> list[int] | None:
+def _axes(node: onnx.NodeProto, graph: GraphView) -> list[int] | None:
     """Axes given as attribute (older opsets) or as a constant second input (newer); None if absent."""
-    axes = _attr(node, "axes")
+    axes = attribute(node, "axes")
     if axes is not None:
         return [int(a) for a in axes]
     if len(node.input) > 1 and node.input[1]:
@@ -138,7 +64,7 @@ def _axes(node: onnx.NodeProto, graph: _Graph) -> list[int] | None:
     return None
 
 
-def _pooling_roles(node: onnx.NodeProto, graph: _Graph, rank: int | None) -> tuple[list[str], str]:
+def _pooling_roles(node: onnx.NodeProto, graph: GraphView, rank: int | None) -> tuple[list[str], str]:
     """Axis roles of the pooled tensor and the activation's layout."""
     if node.op_type == "GlobalAveragePool":
         spatial = (rank or 4) - 2
@@ -166,7 +92,7 @@ def _pooling_roles(node: onnx.NodeProto, graph: _Graph, rank: int | None) -> tup
         layout, roles = "channels_last", ["N"] + ["1"] * count + ["C"]
     else:
         raise _NotCam(node.op_type, f"axes {axes} are not exactly the spatial axes")
-    if not _attr(node, "keepdims", 1):
+    if not attribute(node, "keepdims", 1):
         roles = ["N", "C"]
     return roles, layout
 
@@ -178,13 +104,13 @@ def _merge(roles: list[str], op: str) -> str:
     return kept[0] if kept else "1"
 
 
-def _reshape_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> list[str]:
+def _reshape_roles(node: onnx.NodeProto, graph: GraphView, roles: list[str]) -> list[str]:
     big = [r for r in roles if r != "1"]
     shape = graph.constant(node.input[1])
     if shape is None:
         rank = graph.rank(node.output[0])
-        if rank is None and graph.shapes.get(node.input[1]):
-            rank = graph.shapes[node.input[1]][0]  # the shape vector's length is the output rank
+        if rank is None and graph.shape(node.input[1]):
+            rank = graph.shape(node.input[1])[0]  # the shape vector's length is the output rank
         if rank == 2 and len(big) == 2:
             return big
         raise _NotCam("Reshape", "shape computed at run time")
@@ -206,17 +132,17 @@ def _reshape_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> lis
     return out
 
 
-def _reshaping_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> list[str]:
+def _reshaping_roles(node: onnx.NodeProto, graph: GraphView, roles: list[str]) -> list[str]:
     """Roles after a reshaping op, or _NotCam when the op is not one that keeps the pooled features."""
     op = node.op_type
     if op in PASS_THROUGH:
         return roles
     if op == "Flatten":
-        axis = _attr(node, "axis", 1)
+        axis = attribute(node, "axis", 1)
         axis = axis + len(roles) if axis < 0 else axis
         return [_merge(roles[:axis], op) if axis else "1", _merge(roles[axis:], op)]
     if op == "Transpose":
-        perm = _attr(node, "perm") or list(range(len(roles)))[::-1]
+        perm = attribute(node, "perm") or list(range(len(roles)))[::-1]
         return [roles[p] for p in perm]
     if op == "Squeeze":
         axes = _axes(node, graph)
@@ -237,7 +163,7 @@ def _reshaping_roles(node: onnx.NodeProto, graph: _Graph, roles: list[str]) -> l
     raise _NotCam(op)
 
 
-def _constant_input(node: onnx.NodeProto, index: int, graph: _Graph) -> np.ndarray:
+def _constant_input(node: onnx.NodeProto, index: int, graph: GraphView) -> np.ndarray:
     value = graph.constant(node.input[index]) if len(node.input) > index and node.input[index] else None
     if value is None:
         raise _NotCam(node.op_type, "weights are not constants")
@@ -252,22 +178,22 @@ def _bias_vector(value: np.ndarray, classes: int, op: str) -> np.ndarray:
     raise _NotCam(op, f"bias of shape {value.shape} is not per class")
 
 
-def _linear(node: onnx.NodeProto, tensor: str, graph: _Graph, roles: list[str]):
+def _linear(node: onnx.NodeProto, tensor: str, graph: GraphView, roles: list[str]):
     """(weight (K, C), bias (K,) or None) of the classifier ``node`` fed by ``tensor``."""
     op = node.op_type
     big = [r for r in roles if r != "1"]
     if op == "Gemm":
         if node.input[0] != tensor:
             raise _NotCam(op, "features enter as the second operand")
-        want = ["C", "N"] if _attr(node, "transA", 0) else ["N", "C"]
+        want = ["C", "N"] if attribute(node, "transA", 0) else ["N", "C"]
         if roles != want:
             raise _NotCam(op, "features are not a (batch, channels) matrix")
         b = _constant_input(node, 1, graph)
-        weight = b if _attr(node, "transB", 0) else b.T
-        weight = np.float32(_attr(node, "alpha", 1.0)) * weight
+        weight = b if attribute(node, "transB", 0) else b.T
+        weight = np.float32(attribute(node, "alpha", 1.0)) * weight
         bias = None
         if len(node.input) > 2 and node.input[2]:
-            bias = np.float32(_attr(node, "beta", 1.0)) * _bias_vector(_constant_input(node, 2, graph),
+            bias = np.float32(attribute(node, "beta", 1.0)) * _bias_vector(_constant_input(node, 2, graph),
                                                                        weight.shape[0], op)
         return weight, bias
     if op == "MatMul":
@@ -289,7 +215,7 @@ def _linear(node: onnx.NodeProto, tensor: str, graph: _Graph, roles: list[str]):
         if node.input[0] != tensor or roles[:2] != ["N", "C"] or len(roles) < 3:
             raise _NotCam(op, "input is not (N, C, 1, …)")
         w = _constant_input(node, 1, graph)
-        if _attr(node, "group", 1) != 1 or any(s != 1 for s in w.shape[2:]) or any(_attr(node, "pads", [])):
+        if attribute(node, "group", 1) != 1 or any(s != 1 for s in w.shape[2:]) or any(attribute(node, "pads", [])):
             raise _NotCam(op, "not a 1×1 convolution without padding")
         bias = _constant_input(node, 2, graph) if len(node.input) > 2 and node.input[2] else None
         return w.reshape(w.shape[0], w.shape[1]), bias
@@ -297,7 +223,7 @@ def _linear(node: onnx.NodeProto, tensor: str, graph: _Graph, roles: list[str]):
 
 
 def _compose(perm: list[int] | None, node: onnx.NodeProto, rank: int | None) -> list[int]:
-    step = _attr(node, "perm")
+    step = attribute(node, "perm")
     if step is None:
         if rank is None:
             raise _NotCam("Transpose", "axis order unknown")
@@ -317,41 +243,41 @@ def _activation_layout(perm: list[int], pooled_layout: str) -> str:
     raise _NotCam("Transpose", "the channel axis is neither second nor last")
 
 
-def find_classifier_weights(model: onnx.ModelProto, activation: str) -> ClassifierHead:
+def find_classifier_weights(model, activation: str) -> ClassifierHead:
     """The classifier fed by the global average pooling of ``activation`` (a tensor name)."""
-    graph = _Graph(model)
+    graph = view_of(model)
     producer = graph.producer.get(activation)
     label = producer.name if producer is not None and producer.name else activation
     path: list[str] = []
     try:
         tensor = activation
-        node = graph.next_node(tensor)
+        node = _next_node(graph, tensor)
         perm = None  # for each axis of the current tensor, the activation axis it comes from
         while node.op_type in PASS_THROUGH or node.op_type == "Transpose":
             if node.op_type == "Transpose":
                 perm = _compose(perm, node, graph.rank(tensor))
             path.append(node.op_type)
             tensor = node.output[0]
-            node = graph.next_node(tensor)
+            node = _next_node(graph, tensor)
         rank = len(perm) if perm else graph.rank(tensor)
         roles, layout = _pooling_roles(node, graph, rank)
         if perm:
             layout = _activation_layout(perm, layout)
         path.append(node.op_type)
         tensor = node.output[0]
-        node = graph.next_node(tensor)
+        node = _next_node(graph, tensor)
         while node.op_type not in ("Gemm", "MatMul", "Conv"):
             roles = _reshaping_roles(node, graph, roles)
             path.append(node.op_type)
             tensor = node.output[0]
-            node = graph.next_node(tensor)
+            node = _next_node(graph, tensor)
         weight, bias = _linear(node, tensor, graph, roles)
     except _NotCam as err:
         route = " → ".join(path + [err.op])
         why = f" ({err.detail})" if err.detail else ""
         raise OnnxcamError(f"CAM needs the node to feed global average pooling and then a linear classifier; "
                            f"node {label!r} feeds {route}{why} instead — use --method gradcam") from None
-    channels = (graph.shapes.get(activation) or [None, None])
+    channels = (graph.static_shape(activation) or [None, None])
     channels = channels[1] if layout == "channels_first" else channels[-1]
     if channels and weight.shape[1] != channels:
         raise OnnxcamError(f"the classifier after node {label!r} expects {weight.shape[1]} features but the "

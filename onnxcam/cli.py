@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import click
 
+from .cli_io import model_io_options, read_feeds
 from .errors import OnnxcamError
 from .gradients import BACKENDS
 from .runtime import PROVIDERS
@@ -28,16 +29,49 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise OnnxcamError(f"{name} {text!r} must be numbers separated by commas, e.g. 0.485,0.456,0.406") from exc
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
+def _size_values(text: str | None) -> tuple[int, ...] | None:
+    """--size as 1 to 3 positive ints: L (signals), H,W (images; one number for a square), D,H,W."""
     if text is None:
         return None
     try:
         values = [int(v) for v in text.lower().replace("x", ",").replace(" ", ",").split(",") if v]
     except ValueError as exc:
-        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224") from exc
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise OnnxcamError(f"--size {text!r} must be HEIGHT,WIDTH or one number, e.g. 224,224")
+        raise OnnxcamError(f"--size {text!r} must be L, HEIGHT,WIDTH or D,H,W, e.g. 224,224") from exc
+    if len(values) not in (1, 2, 3) or min(values) <= 0:
+        raise OnnxcamError(f"--size {text!r} must be L, HEIGHT,WIDTH or D,H,W, e.g. 224,224")
+    return tuple(values)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """--size for images: (height, width)."""
+    values = _size_values(text)
+    if values is None:
+        return None
+    if len(values) == 3:
+        raise OnnxcamError(f"--size {text!r} has three values (D,H,W) but the model takes images; give HEIGHT,WIDTH")
     return (values[0], values[-1])
+
+
+def _probe_input_shape(loaded, preprocessing, size_text: str | None, layout: str | None):
+    """The batch-1 input shape for the one probe run that measures layer shapes: from the image
+    preprocessing for image models, from --size (L or D,H,W) for signals and volumes."""
+    shape = loaded.input.shape
+    if shape is None or len(shape) == 4:
+        return preprocessing.probe_shape(shape)
+    values = _size_values(size_text)
+    if values is None:
+        return None
+    spatial = len(shape) - 2
+    if len(values) != spatial:
+        raise OnnxcamError(f"--size {size_text!r} gives {len(values)} value(s) but the model's input "
+                           f"{loaded.input.name} has {spatial} spatial axes; give {'L' if spatial == 1 else 'D,H,W'}")
+    from . import layouts
+    channels_first = (layouts.normalize_layout(layout) or layouts.input_layout(shape)) == layouts.FIRST
+    channels = shape[1] if channels_first else shape[-1]
+    if not isinstance(channels, int) or channels <= 0:
+        raise OnnxcamError(f"the channel axis of input {loaded.input.name} is symbolic; onnxcam cannot guess "
+                           "the probe shape")
+    return (1, channels, *values) if channels_first else (1, *values, channels)
 
 
 class _Group(click.Group):
@@ -64,9 +98,11 @@ def main():
     """Class activation maps (Grad-CAM, Score-CAM, LayerCAM, ...) for any ONNX model."""
 
 
-def _preprocessing(model, size, mean, std, scale, layout, bgr):
+def _preprocessing(model, size, mean, std, scale, layout, bgr, preset=None):
     from .preprocess import Preprocessing
     base = Preprocessing.from_metadata(model.preprocess, model.input.shape)
+    if preset:
+        base = base.with_preset(preset)
     fields = {}
     if size is not None:
         fields["size"] = size
@@ -158,9 +194,11 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@model_io_options
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, max_pixels, fail_fast, no_cache, labels, target_mask):
+            overwrite, max_pixels, fail_fast, no_cache, labels, target_mask, input_name, feed_specs,
+            output_name, class_axis, preset):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -179,18 +217,29 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
     if scale is not None and not math.isfinite(scale):
         raise OnnxcamError(f"--scale {scale} must be a finite number")
-    parsed_size = _size(size)
+    loaded = load_model(model, input=input_name)
+    images = loaded.input.rank in (None, 4)
+    parsed_size = _size(size) if images else None
     if parsed_size is not None and parsed_size[0] * parsed_size[1] > (max_pixels or 100_000_000):
         raise OnnxcamError(f"--size {size} is {parsed_size[0] * parsed_size[1] / 1e6:g} megapixels, over the "
                            f"--max-pixels limit; pass a smaller size")
-    loaded = load_model(model)
     paths = collect_inputs(list(inputs))
     preprocessing = _preprocessing(loaded, parsed_size, _floats(mean, "--mean"), _floats(std, "--std"),
-                                   scale, layout, bgr)
+                                   scale, layout, bgr, preset)
+    notices = []
+    if images and not loaded.preprocess and not (preset or mean or std or scale is not None):
+        notices.append("the model carries no preprocessing metadata, so images are fed as RGB x/255 with no "
+                       "mean/std; pass --preset NAME or --mean/--std/--scale if it was trained otherwise")
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
-                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
-    methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
+                          layout=layout or preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
+                          input_shape=_probe_input_shape(loaded, preprocessing, size, layout), cache=not no_cache,
+                          feeds=read_feeds(feed_specs), output=output_name, class_axis=class_axis)
+    if method == "all":
+        methods, skipped_methods = applicable_methods(explainer, with_reasons=True)
+        notices += [f"--method all skips {name}: {why}" for name, why in skipped_methods]
+    else:
+        methods = [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
@@ -206,6 +255,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
+        if result.notice:
+            notices.append(f"{result.path} ({result.method}): {result.notice}")
         if not as_json:
             name = f" ({result.class_name})" if result.class_name else ""
             rank = f" top{result.rank}" if top_k else ""
@@ -214,9 +265,11 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                        f" -> {', '.join(str(p) for p in result.written)}")
     if runner.skipped and not as_json:
         click.echo(f"skipped {runner.skipped} input(s) already explained in {out_dir} (use --overwrite)")
+    for notice in notices:   # after the results: a run that fails says only its error
+        click.echo(f"notice: {notice}", err=True)
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
-                               "skipped": runner.skipped, "results": summaries,
+                               "skipped": runner.skipped, "results": summaries, "notices": notices,
                                "failed": [{"input": str(p), "error": m} for p, m in runner.failures]},
                               indent=2, allow_nan=False))
     if runner.failures:
@@ -277,7 +330,8 @@ def export_augmented(model, node_specs, output, grad_backend, size, probabilitie
         raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
     explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
-                          layout=preprocessing.layout, probabilities=probabilities,
+                          layout=preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
                           input_shape=preprocessing.probe_shape(loaded.input.shape))
     augmented = explainer.augmented_gradient_model()
     data = augmented.proto.SerializeToString()
@@ -340,17 +394,19 @@ def _target(text: str | None, class_names):
     raise OnnxcamError(f"--target {text!r} is neither a class index nor a class name of this model")
 
 
-def applicable_methods(explainer) -> list[str]:
-    """Every method that can run on this model and node (for --method all)."""
+def applicable_methods(explainer, with_reasons: bool = False):
+    """Every method that can run on this model and node (for --method all); with_reasons: also the
+    (method, why) pairs of those that cannot."""
     from .methods import METHODS
-    chosen = []
+    chosen, skipped = [], []
     for name in METHODS:
         try:
             explainer.check_method(name)
-        except OnnxcamError:
+        except OnnxcamError as exc:
+            skipped.append((name, str(exc)))
             continue
         chosen.append(name)
-    return chosen
+    return (chosen, skipped) if with_reasons else chosen
 
 
 if __name__ == "__main__":

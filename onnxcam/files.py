@@ -43,12 +43,28 @@ class FileResult:
     seconds: float
     written: list[Path] = field(default_factory=list)
     map: np.ndarray | None = None
+    notice: str | None = None      # why a map shows nothing (see map_notice)
 
     def summary(self) -> dict:
         return {"input": str(self.path), "method": self.method, "rank": self.rank, "class": self.target,
                 "class_name": self.class_name,
                 "score": round(float(self.score), 6) if np.isfinite(self.score) else None, "nodes": self.nodes,
-                "seconds": round(self.seconds, 6), "outputs": [str(p) for p in self.written]}
+                "seconds": round(self.seconds, 6), "outputs": [str(p) for p in self.written],
+                "notice": self.notice}
+
+
+def map_notice(method: str, cam: np.ndarray, target: int, nodes: list[str]) -> str | None:
+    """A word when a map shows nothing, and why, so that a blank overlay is never silent."""
+    if cam.size and float(cam.max()) > float(cam.min()):
+        return None
+    where = ", ".join(nodes)
+    if float(cam.max()) == 0.0:
+        if method in ("gradcam", "xgradcam", "hirescam"):
+            return (f"the map is zero everywhere: the evidence for class {target} at node {where} is negative "
+                    "everywhere; LayerCAM or Grad-CAM++ show the positive part")
+        return (f"the map is zero everywhere: the weighted activations for class {target} at node {where} "
+                "are nowhere positive")
+    return f"the map is constant at node {where}: nothing in the input stands out for class {target}"
 
 
 INPUT_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")
@@ -316,7 +332,8 @@ class FileExplainer:
             target = int(explanation.targets[i])
             results.append(FileResult(item.path, method, rank, target, self.class_name(target),
                                       float(explanation.scores[i]), explanation.nodes,
-                                      explanation.seconds / len(explanation.maps), written, cam))
+                                      explanation.seconds / len(explanation.maps), written, cam,
+                                      map_notice(method, cam, target, explanation.nodes)))
         if panels:
             grid_path = outputs.write_png(self.output_path(item.path, "all", rank_tag, ".png"),
                                           render.grid(panels, columns=min(5, len(panels))), protected)

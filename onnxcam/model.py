@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
+from .graph import GraphView, default_opset
 
 PREPROCESS_KEY = "onnxcam.preprocess"
 CLASS_NAMES_KEY = "onnxcam.class_names"
@@ -40,15 +42,21 @@ class LoadedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     metadata: dict[str, str] = field(default_factory=dict)
+    input_name: str | None = None     # the explained input (chosen by load_model)
 
     @property
     def input(self) -> TensorSpec:
-        """The single data input onnxcam explains."""
-        return self.inputs[0]
+        """The data input onnxcam explains (the others are fed as given: see feeds.py)."""
+        return next(spec for spec in self.inputs if spec.name == self.input_name)
+
+    @cached_property
+    def view(self) -> GraphView:
+        """The one read-only view of this model's graph (shapes, producers, constants, opset)."""
+        return GraphView(self.proto)
 
     @property
     def opset(self) -> int:
-        return default_opset(self.proto)
+        return self.view.opset
 
     @property
     def preprocess(self) -> dict | None:
@@ -69,14 +77,6 @@ def _json_metadata(metadata: dict[str, str], key: str):
         raise OnnxcamError(f"model metadata {key!r} is not valid JSON ({exc}); fix or remove it") from exc
 
 
-def default_opset(proto: onnx.ModelProto) -> int:
-    """The opset version of the default ONNX domain."""
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    raise OnnxcamError("the model imports no default ONNX opset; it is not a standard ONNX model")
-
-
 def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = value_info.type.tensor_type
     shape = None
@@ -86,10 +86,14 @@ def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value_info.name, tensor_type.elem_type, shape)
 
 
-def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> LoadedModel:
-    """Load a path or wrap a proto; check it has exactly one float data input."""
+def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel", input: str | None = None
+               ) -> LoadedModel:
+    """Load a path or wrap a proto, and choose the float data input to explain: ``input`` by name, or the
+    model's only data input, or its only float input with spatial axes."""
     if isinstance(model, LoadedModel):
-        return model
+        if input is None or input == model.input_name:
+            return model
+        return replace(model, input_name=_explained_input(model.inputs, input, model.path).name)
     path = None
     if isinstance(model, onnx.ModelProto):
         proto = model
@@ -102,15 +106,35 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> Lo
     outputs = [tensor_spec(vi) for vi in graph.output]
     if not graph.node or not outputs:
         raise OnnxcamError(f"{_label(path)} has an empty graph; export the model again")
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs) or "none"
-        raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({names}); onnxcam explains "
-                           "models with exactly one image/signal input")
-    if inputs[0].elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-        raise OnnxcamError(f"input {inputs[0].name!r} of {_label(path)} is not a float tensor; "
-                           "onnxcam needs a float image/signal input")
+    explained = _explained_input(inputs, input, path)
+    default_opset(proto)   # a model without the default domain is not one onnxcam can read
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return LoadedModel(proto, path, inputs, outputs, metadata)
+    return LoadedModel(proto, path, inputs, outputs, metadata, explained.name)
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+
+def _explained_input(inputs: list[TensorSpec], name: str | None, path: Path | None) -> TensorSpec:
+    listing = ", ".join(f"{i.name} {shape_text(i.shape)}" for i in inputs) or "none"
+    if not inputs:
+        raise OnnxcamError(f"{_label(path)} has no data input; export the model with its input")
+    if name is not None:
+        chosen = next((i for i in inputs if i.name == name), None)
+        if chosen is None:
+            raise OnnxcamError(f"--input {name!r} is not an input of {_label(path)}; its inputs: {listing}")
+    elif len(inputs) == 1:
+        chosen = inputs[0]
+    else:
+        spatial = [i for i in inputs if i.elem_type in _FLOATS and (i.rank or 0) >= 3]
+        if len(spatial) != 1:
+            raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({listing}); choose the one to "
+                               "explain with --input NAME and give the others with --feed NAME=FILE.npy")
+        chosen = spatial[0]
+    if chosen.elem_type not in _FLOATS:
+        raise OnnxcamError(f"input {chosen.name!r} of {_label(path)} is not a float tensor; "
+                           "onnxcam needs a float image/signal input")
+    return chosen
 
 
 def _label(path: Path | None) -> str:

@@ -24,11 +24,12 @@ import itertools
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
+from .graph import GraphView, attribute, view_of
+from .runtime import probe_shapes
 
 DYNAMO_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -56,14 +57,17 @@ class NodeInfo:
 # ---------------------------------------------------------------- listing
 
 
-def list_candidates(model: onnx.ModelProto,
-                    probe_input_shapes: dict[str, tuple] | None = None) -> list[NodeInfo]:
-    """Every node whose first output is a float tensor of rank 3-5, in graph order."""
-    types = _inferred_types(model)
+def list_candidates(model, probe_input_shapes: dict[str, tuple] | None = None) -> list[NodeInfo]:
+    """Every node whose first output is a float tensor of rank 3-5, in graph order.
+
+    ``model``: a GraphView, LoadedModel or ModelProto."""
+    view = view_of(model)
+    model = view.proto
+    types = _known_types(view)
     unknown = [node.output[0] for node in _layer_nodes(model) if _needs_probe(types.get(node.output[0]))]
     if unknown:
         symbolic_batch = _has_symbolic_batch(model)
-        for tensor, (elem_type, shape) in _probe_types(model, unknown, probe_input_shapes).items():
+        for tensor, (elem_type, shape) in probe_shapes(model, unknown, probe_input_shapes).items():
             inferred = types.get(tensor, (None, None))[1]
             if symbolic_batch and inferred is not None and len(inferred) == len(shape) and inferred[0] is None:
                 shape = (None,) + shape[1:]  # the batch stays symbolic, as in the shapes inference knew
@@ -128,24 +132,9 @@ def _layer_nodes(model: onnx.ModelProto):
             if node.op_type not in _NOT_LAYERS and node.output and node.output[0]]
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, tuple]:
-    """tensor name → (elem_type or None, shape or None) from ONNX shape inference (best effort)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except Exception:  # inference is a help, never a requirement: the probe covers the rest
-        inferred = model
-    graph = inferred.graph
-    types = {}
-    for value_info in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if value_info.type.HasField("tensor_type"):
-            tensor_type = value_info.type.tensor_type
-            shape = None
-            if tensor_type.HasField("shape"):
-                shape = tuple(dim.dim_value if dim.HasField("dim_value") else None
-                              for dim in tensor_type.shape.dim)
-            types[value_info.name] = (tensor_type.elem_type or None, shape)
-    return types
+def _known_types(view: GraphView) -> dict[str, tuple]:
+    """tensor name → (elem_type or None, shape with None for symbolic dims, or None)."""
+    return {name: (elem or None, view.static_shape(name)) for name, (elem, _) in view.types().items()}
 
 
 def _needs_probe(known: tuple | None) -> bool:
@@ -160,88 +149,17 @@ def _needs_probe(known: tuple | None) -> bool:
     return 3 <= len(shape) <= 5 and any(dim is None for dim in shape[1:])
 
 
-def _probe_types(model: onnx.ModelProto, tensors: list[str],
-                 probe_input_shapes: dict[str, tuple] | None) -> dict[str, tuple]:
-    """Run the model once on zeros with ``tensors`` exposed as outputs and read their real shapes."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise OnnxcamError("layer shapes need one run of the model and onnxruntime is not installed; "
-                           "install it with `pip install onnxcam[cpu]`") from None
-    feeds = _zero_feeds(model, probe_input_shapes or {})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {output.name for output in probe.graph.output}
-    for tensor in tensors:
-        if tensor not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        values = session.run(tensors, feeds)
-    except Exception as error:
-        message = " ".join(str(error).split())
-        if len(message) > 400:  # ORT puts source paths in the middle and the reason at the end
-            message = f"{message[:120]} ... {message[-260:]}"
-        raise OnnxcamError(f"could not run the model on zeros to measure layer shapes: {message}; "
-                           "check the input size given (--size, or Explainer(input_shape=...))") from None
-    result = {}
-    for tensor, value in zip(tensors, values):
-        value = np.asarray(value)
-        elem_type = helper.np_dtype_to_tensor_dtype(value.dtype) if value.dtype.kind in "fiub" else None
-        result[tensor] = (elem_type, tuple(int(dim) for dim in value.shape))
-    return result
-
-
-def _zero_feeds(model: onnx.ModelProto, given: dict[str, tuple]) -> dict[str, np.ndarray]:
-    initializers = {init.name for init in model.graph.initializer}
-    feeds = {}
-    for value_info in model.graph.input:
-        if value_info.name in initializers:
-            continue
-        tensor_type = value_info.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type or TensorProto.FLOAT)
-        shape = given.get(value_info.name)
-        if shape is None:
-            shape = _static_input_shape(value_info)
-        feeds[value_info.name] = np.zeros(tuple(int(dim) for dim in shape), dtype=dtype)
-    return feeds
-
-
-def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
-    """Batch 1 and the static dims; a symbolic dim past the batch axis has no safe default."""
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        raise OnnxcamError(f"input {value_info.name!r} has no declared shape, so layer shapes need one run "
-                           f"at a size you choose; give it, e.g. probe_input_shapes="
-                           f"{{{value_info.name!r}: (1, 3, 224, 224)}} (CLI: --size 224,224)")
-    dims = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
-            for dim in tensor_type.shape.dim]
-    if dims and not isinstance(dims[0], int):
-        dims[0] = 1
-    symbolic = [dim for dim in dims if not isinstance(dim, int)]
-    if symbolic:
-        example = tuple(dim if isinstance(dim, int) else 224 for dim in dims)
-        raise OnnxcamError(f"input {value_info.name!r} has symbolic axes {', '.join(map(str, symbolic))} "
-                           f"(shape {_format_shape(tuple(dims))}), so layer shapes need one run at a size you "
-                           f"choose; give it, e.g. probe_input_shapes={{{value_info.name!r}: {example}}} "
-                           f"(CLI: --size HEIGHT,WIDTH; Python: Explainer(..., input_shape={example}))")
-    return tuple(dims)
-
-
 # ---------------------------------------------------------------- default node
 
 
-def default_node(candidates: list[NodeInfo], model: onnx.ModelProto) -> NodeInfo:
+def default_node(candidates: list[NodeInfo], model) -> NodeInfo:
     """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
     ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate."""
+    view = view_of(model)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
-    producers = {output: node for node in model.graph.node for output in node.output}
-    pooled = [node.input[0] for node in model.graph.node
-              if node.input and _is_global_pool(node, by_tensor, model)]
+    producers = view.producer
+    pooled = [node.input[0] for node in view.graph.node
+              if node.input and _is_global_pool(node, by_tensor, view)]
     if pooled:
         tensor = pooled[-1]
         while tensor in producers and producers[tensor].op_type in _TRIVIA and producers[tensor].input:
@@ -255,7 +173,7 @@ def default_node(candidates: list[NodeInfo], model: onnx.ModelProto) -> NodeInfo
     return spatial[-1]
 
 
-def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model: onnx.ModelProto) -> bool:
+def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], view: GraphView) -> bool:
     source = by_tensor.get(node.input[0])
     if node.op_type in _GLOBAL_POOLS:
         return True
@@ -267,7 +185,7 @@ def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model:
     if node.op_type in _WINDOW_POOLS:  # a pool window as large as the map, as old exports write it
         return output is not None and not output.spatial
     if node.op_type in _REDUCE_POOLS:
-        axes = _reduce_axes(node, model)
+        axes = _reduce_axes(node, view)
         if axes is None:
             return output is not None and not output.spatial
         rank = len(source.shape)
@@ -276,33 +194,19 @@ def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model:
     return False
 
 
-def _reduce_axes(node: onnx.NodeProto, model: onnx.ModelProto) -> list[int] | None:
-    for attribute in node.attribute:
-        if attribute.name == "axes":
-            return list(attribute.ints)
+def _reduce_axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:
+    axes = attribute(node, "axes")
+    if axes is not None:
+        return list(axes)
     if len(node.input) > 1 and node.input[1]:
-        return _constant_ints(model, node.input[1])
-    return None
-
-
-def _constant_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
-    for initializer in model.graph.initializer:
-        if initializer.name == name:
-            return [int(v) for v in numpy_helper.to_array(initializer).reshape(-1)]
-    for node in model.graph.node:
-        if node.op_type == "Constant" and name in node.output:
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    return [int(v) for v in numpy_helper.to_array(attribute.t).reshape(-1)]
-                if attribute.name in ("value_ints", "value_int"):
-                    return list(attribute.ints) or [attribute.i]
+        return view.constant_ints(node.input[1])
     return None
 
 
 # ---------------------------------------------------------------- resolving --node
 
 
-def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
+def resolve_node(model, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
     """The node a user means by ``spec``; exact names beat module scopes (see module docstring).
 
     Accepted, in this order of preference: ``auto``; a node name; an output tensor name (``:0`` may be
@@ -312,16 +216,17 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
     (``_conv_head`` for weight ``_conv_head.weight``); last, a Keras layer ``out_relu`` for scope ``out_relu_1``.
     """
     spec = spec.strip()
+    view = view_of(model)
     if spec.lower() == "auto":
-        return default_node(candidates, model)
-    nodes = list(model.graph.node)
+        return default_node(candidates, view)
+    nodes = list(view.graph.node)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     for exact in ((node for node in nodes if node.name == spec),
                   (node for node in nodes if node.output and node.output[0] == spec),
                   (node for node in nodes if node.output and node.output[0] == f"{spec}:0")):
         found = list(exact)
         if found:
-            return _spatial_or_error(found[-1], by_tensor, model)
+            return _spatial_or_error(found[-1], by_tensor, view)
     parts = [part for part in spec.split("/") if part]
     if parts:
         # exact spellings before Keras-style `_1` suffixes; paths from the root before nested ones
@@ -329,7 +234,7 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
                     lambda: _nodes_in_scope(nodes, parts, True, False, True),
                     lambda: _nodes_in_scope(nodes, parts, False, False, False),
                     lambda: _nodes_in_scope(nodes, parts, False, False, True),
-                    lambda: _nodes_using_parameters_of(model, nodes, ".".join(parts))]
+                    lambda: _nodes_using_parameters_of(view, nodes, ".".join(parts))]
         searches += [lambda anchored=anchored, with_op=with_op: _nodes_in_scope(nodes, parts, anchored, True, with_op)
                      for anchored, with_op in itertools.product((True, False), (False, True))]
         for search in searches:
@@ -337,7 +242,7 @@ def resolve_node(model: onnx.ModelProto, spec: str, candidates: list[NodeInfo]) 
             if inside:
                 spatial = [by_tensor[node.output[0]] for node in inside
                            if node.output[0] in by_tensor and by_tensor[node.output[0]].spatial]
-                return spatial[-1] if spatial else _spatial_or_error(inside[-1], by_tensor, model)
+                return spatial[-1] if spatial else _spatial_or_error(inside[-1], by_tensor, view)
     raise OnnxcamError(_unknown_spec_message(spec, candidates))
 
 
@@ -358,10 +263,10 @@ def _nodes_in_scope(nodes, parts: list[str], anchored: bool, loose: bool, with_o
     return found
 
 
-def _nodes_using_parameters_of(model: onnx.ModelProto, nodes, module: str) -> list[onnx.NodeProto]:
+def _nodes_using_parameters_of(view: GraphView, nodes, module: str) -> list[onnx.NodeProto]:
     """Nodes fed by the module's parameters (``_conv_head.weight``): the dynamo exporter folds a Conv
     and its BatchNorm into one node scoped under the BatchNorm, so the Conv's name survives only there."""
-    initializers = {init.name for init in model.graph.initializer}
+    initializers = view.initializers
     return [node for node in nodes if node.output and node.output[0]
             and any(name in initializers and name.rsplit(".", 1)[0] == module for name in node.input)]
 
@@ -406,13 +311,13 @@ def _component_matches(part: str, spellings: set[str], loose: bool) -> bool:
     return False
 
 
-def _spatial_or_error(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], model: onnx.ModelProto) -> NodeInfo:
+def _spatial_or_error(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], view: GraphView) -> NodeInfo:
     candidate = by_tensor.get(node.output[0]) if node.output else None
     if candidate is not None and candidate.spatial:
         return candidate
     label = node.name or node.output[0]
-    shape = candidate.shape if candidate is not None else _inferred_types(model).get(node.output[0], (None, None))[1]
-    what = f"shape {_format_shape(shape)}" if shape is not None else "a tensor of unknown shape"
+    shape = candidate.shape if candidate is not None else view.static_shape(node.output[0])
+    what = f"shape {shape_text(shape)}" if shape is not None else "a tensor of unknown shape"
     raise OnnxcamError(f"node {label} outputs {what}, which has no spatial axes; pick a convolutional layer "
                        "(see `onnxcam nodes MODEL`)")
 
@@ -438,12 +343,6 @@ def _unknown_spec_message(spec: str, candidates: list[NodeInfo]) -> str:
 # ---------------------------------------------------------------- table
 
 
-def _format_shape(shape: tuple | None) -> str:
-    if shape is None:
-        return "?"
-    return "(" + ", ".join("?" if dim is None else str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
 def _short_tensor(candidate: NodeInfo) -> str:
     """``…_output_0`` / ``…:0`` where the tensor repeats the node name (legacy torch, tf2onnx)."""
     if candidate.name and candidate.tensor.startswith(candidate.name) and candidate.tensor != candidate.name:
@@ -461,7 +360,7 @@ def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
             " " if candidate.spatial else "-")
         rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, _short_tensor(candidate),
-                     _format_shape(candidate.shape), candidate.scope))
+                     shape_text(candidate.shape), candidate.scope))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join(("-" if column else " ") * width for column, width in enumerate(widths)).rstrip())

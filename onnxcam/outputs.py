@@ -4,7 +4,6 @@ rename). A crash or a bad input never leaves a half-written PNG, and an input fi
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -71,7 +70,3 @@ def write_npy(path, array: np.ndarray, protected=frozenset()) -> Path:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return write_bytes_atomic(path, buffer.getvalue(), protected)
-
-
-def write_json(path, payload, protected=frozenset()) -> Path:
-    return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode(), protected)

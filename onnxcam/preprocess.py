@@ -15,11 +15,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import layouts
 from .errors import OnnxcamError
 from .image_header import DEFAULT_MAX_PIXELS, HeaderError, image_size
 
 LAYOUTS = ("NCHW", "NHWC")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# The usual conventions, x = (pixel * scale - mean) / std per channel (``--preset NAME``).
+PRESETS: dict[str, dict] = {
+    "imagenet": dict(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color="RGB"),
+    "tf": dict(scale=1 / 127.5, mean=(1.0, 1.0, 1.0), std=(1.0, 1.0, 1.0), color="RGB"),   # [-1, 1]
+    "caffe": dict(scale=1.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), color="BGR"),
+    "paddle": dict(scale=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), color="RGB"),  # [-1, 1]
+    "raw": dict(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="RGB"),          # 0-255
+    "unit": dict(scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="RGB"),     # 0-1
+}
 
 
 @dataclass(frozen=True)
@@ -32,13 +44,24 @@ class Preprocessing:
     color: str = "RGB"
     layout: str = "NCHW"
 
+    def with_preset(self, name: str) -> "Preprocessing":
+        """This preprocessing with a named convention's scale, mean, std and colour order."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise OnnxcamError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(self, **PRESETS[key])
+
+    def explainer_layout(self, input_rank: int | None) -> str | None:
+        """The layout the Explainer must use with inputs made by this preprocessing: the images' own for
+        a rank-4 (image) model, else None (arrays come in the model's layout, which layouts.py reads)."""
+        return self.layout if input_rank == 4 else None
+
     @classmethod
     def from_metadata(cls, metadata: dict | None, input_shape: tuple | None = None) -> "Preprocessing":
         """Metadata values when present, else what the input shape says (layout, static size)."""
         base = cls()
-        layout = guess_layout(input_shape)
-        if layout:
-            base = replace(base, layout=layout)
+        if input_shape is not None and len(input_shape) == 4:   # images: the one layout guesser decides
+            base = replace(base, layout="NHWC" if layouts.input_layout(input_shape) == layouts.LAST else "NCHW")
         size = static_size(input_shape, base.layout)
         if size:
             base = replace(base, size=size)
@@ -106,18 +129,6 @@ def _int_pair(value) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
-def guess_layout(shape: tuple | None) -> str | None:
-    """NCHW or NHWC from a rank-4 input shape: the axis holding 1, 3 or 4 channels says which."""
-    if shape is None or len(shape) != 4:
-        return None
-    first, last = shape[1], shape[3]
-    if isinstance(first, int) and first in (1, 3, 4):
-        return "NCHW"
-    if isinstance(last, int) and last in (1, 3, 4):
-        return "NHWC"
-    return None
-
-
 def static_size(shape: tuple | None, layout: str) -> tuple[int, int] | None:
     if shape is None or len(shape) != 4:
         return None
@@ -131,7 +142,10 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """RGB uint8 (H, W, 3); a one-line error for a missing, unreadable, oversized or non-image file.
 
     The size is read from the file header and checked against ``max_pixels`` before OpenCV decodes
-    anything (None: no limit), so a decompression bomb costs a few bytes of reading."""
+    anything (None: no limit), so a decompression bomb costs a few bytes of reading. Grayscale images
+    give three equal channels; an alpha channel is dropped (as PIL's ``convert("RGB")`` does); 16-bit
+    images are scaled to 8 bits with rounding (v * 255 / 65535), the same for every format (OpenCV's own
+    8-bit decoding truncates PNGs but rounds TIFFs)."""
     path = Path(path)
     data = read_regular_file(path, 8 * max_pixels + (1 << 20) if max_pixels else None)
     if max_pixels:
@@ -146,8 +160,10 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                                "if the image is genuine")
     try:
         buffer = np.frombuffer(data, dtype=np.uint8)
-        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
-        if image is not None:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if buffer.size else None
+        if image is not None and image.dtype == np.uint16:
+            image = np.rint(image / 257.0).astype(np.uint8)        # 65535 / 255 = 257
+        if image is not None and image.dtype == np.uint8:
             cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
     except MemoryError:
         raise OnnxcamError(f"not enough memory to decode {path}; lower --max-pixels or free memory") from None
@@ -162,6 +178,9 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     if image is None:
         raise OnnxcamError(f"input {path} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); "
                            "pass an image file, or a .npy array for non-image models")
+    if image.dtype != np.uint8:
+        raise OnnxcamError(f"input {path} has {image.dtype} pixels; onnxcam reads 8- and 16-bit images, "
+                           "so convert it (or pass a .npy array already preprocessed)")
     return image
 
 

@@ -8,16 +8,17 @@ pass. ArgMax/OneHot carry no gradient, so d score / d A is exactly d z[n, c_n] /
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .gradients import build_gradient_model, gradient_name
-from .model import LoadedModel, default_opset
-from .opsets import axes_node
+from .graph import GraphBuilder, GraphView, copy_model, view_of
+from .model import LoadedModel
+from .runtime import probe_shapes
 
 TARGET_WEIGHTS = "onnxcam_target_weights"
 SCORE = "onnxcam_score"
@@ -48,28 +49,20 @@ class AugmentedModel:
                    backend)
 
 
-def copy_model(proto: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(proto)
-    return clone
-
-
-def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    """Map each tensor name to the node that writes it."""
-    return {out: node for node in graph.node for out in node.output if out}
-
-
-def find_logits(proto: onnx.ModelProto, probabilities: bool = False) -> str:
-    """The tensor to score: the first output, or the input of a trailing Softmax (the logits)."""
-    graph = proto.graph
-    name = graph.output[0].name
+def find_logits(model, probabilities: bool = False, output: str | None = None) -> str:
+    """The tensor to score: ``output`` (default the first output), or the input of a Softmax that ends
+    it (the logits) unless ``probabilities``."""
+    view = view_of(model)
+    if output is not None and output not in view.output_names:
+        raise OnnxcamError(f"--output {output!r} is not an output of the model; its outputs: "
+                           + ", ".join(f"{o} {shape_text(view.shape(o))}" for o in view.output_names))
+    name = output or view.output_names[0]
     if probabilities:
         return name
-    made_by = producers(graph)
-    current = _before_passes(made_by, name)
-    node = made_by.get(current)
+    current = _before_passes(view.producer, name)
+    node = view.producer.get(current)
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return _before_passes(made_by, node.input[0])
+        return _before_passes(view.producer, node.input[0])
     return name if current == name or node is None else current
 
 
@@ -89,98 +82,46 @@ def _before_passes(made_by: dict, name: str) -> str:
     return current
 
 
-def _dims(value_info: onnx.ValueInfoProto | None) -> tuple | None:
-    if value_info is None or not value_info.type.tensor_type.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
-
-
-def tensor_shape(proto: onnx.ModelProto, tensor: str) -> tuple | None:
-    """Shape of a tensor from the graph's value infos or shape inference (None dims when symbolic)."""
-    declared = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)}
-    shape = _dims(declared.get(tensor))
-    return shape if shape is not None else _dims(_inferred_value_infos(proto).get(tensor))
-
-
-def tensor_elem_type(proto: onnx.ModelProto, tensor: str) -> int:
-    """Element type of a tensor (0 when unknown)."""
-    declared = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)
-                + list(proto.graph.input)}
-    vi = declared.get(tensor) or _inferred_value_infos(proto).get(tensor)
-    return vi.type.tensor_type.elem_type if vi is not None else 0
-
-
-def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
-    graph.initializer.append(numpy_helper.from_array(value, name))
-    return name
-
-
-def _reduce_sum(graph, opset, data, out, axes, keepdims):
-    """ReduceSum over ``axes`` (all axes when None)."""
-    if axes is None:
-        graph.node.append(helper.make_node("ReduceSum", [data], [out], keepdims=keepdims))
-    else:
-        graph.node.append(axes_node("ReduceSum", data, out, axes, opset,
-                                    lambda value: _const(graph, out + "/axes", value), keepdims=keepdims))
-
-
-def add_target_head(proto: onnx.ModelProto, logits: str) -> str:
+def add_target_head(proto: onnx.ModelProto, logits: str, view: GraphView | None = None) -> str:
     """Add input W and the scalar score tensor (in place); return the score's name."""
+    view = view or GraphView(proto)
     graph = proto.graph
-    opset = default_opset(proto)
-    shape = tensor_shape(proto, logits)
+    shape = view.static_shape(logits)
     rank = len(shape) if shape is not None else 2
+    b = GraphBuilder(view.names(), "onnxcam_head/", view.opset)
     w_dims = ["batch"] + [d if d else f"onnxcam_d{i}" for i, d in enumerate(shape[1:] if shape else [None], 1)]
-    graph.input.append(helper.make_tensor_value_info(TARGET_WEIGHTS, TensorProto.FLOAT, w_dims))
-    p = "onnxcam_head/"
-    if tensor_elem_type(proto, logits) not in (TensorProto.FLOAT, 0):  # float16/double: score in float32
-        graph.node.append(helper.make_node("Cast", [logits], [p + "logits_float"], to=TensorProto.FLOAT))
-        logits = p + "logits_float"
+    graph.input.append(helper.make_tensor_value_info(b.reserve(TARGET_WEIGHTS), TensorProto.FLOAT, w_dims))
+    if view.elem_type(logits) not in (TensorProto.FLOAT, 0):  # float16/double: score in float32
+        logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
     weights = TARGET_WEIGHTS
     if rank == 2:  # classifier: zero rows mean arg-max
         if shape is not None and shape[1]:
-            depth = _const(graph, p + "depth", np.array([shape[1]], dtype=np.int64))
+            depth = b.ints([shape[1]], "depth")
         else:
-            graph.node.append(helper.make_node("Shape", [logits], [p + "shape"]))
-            index = _const(graph, p + "class_axis", np.array([1], dtype=np.int64))
-            graph.node.append(helper.make_node("Gather", [p + "shape", index], [p + "depth"], axis=0))
-            depth = p + "depth"
-        on_off = _const(graph, p + "on_off", np.array([0.0, 1.0], dtype=np.float32))
-        one = _const(graph, p + "one", np.array(1.0, dtype=np.float32))
-        zero = _const(graph, p + "zero", np.array(0.0, dtype=np.float32))
-        graph.node.extend([
-            helper.make_node("ArgMax", [logits], [p + "argmax"], axis=1, keepdims=0),
-            helper.make_node("OneHot", [p + "argmax", depth, on_off], [p + "onehot"], axis=-1),
-            helper.make_node("Abs", [TARGET_WEIGHTS], [p + "abs_w"]),
-        ])
-        _reduce_sum(graph, opset, p + "abs_w", p + "row_sum", [1], 1)
-        graph.node.extend([
-            helper.make_node("Greater", [p + "row_sum", zero], [p + "has_target_bool"]),
-            helper.make_node("Cast", [p + "has_target_bool"], [p + "has_target"], to=TensorProto.FLOAT),
-            helper.make_node("Sub", [one, p + "has_target"], [p + "no_target"]),
-            helper.make_node("Mul", [p + "onehot", p + "no_target"], [p + "auto_w"]),
-            helper.make_node("Add", [TARGET_WEIGHTS, p + "auto_w"], [p + "effective_w"]),
-        ])
-        weights = p + "effective_w"
-    graph.node.append(helper.make_node("Mul", [logits, weights], [p + "weighted"]))
-    _reduce_sum(graph, opset, p + "weighted", SCORE, None, 0)
+            depth = b.op("Gather", [b.op("Shape", [logits]), b.ints([1], "class_axis")], axis=0)
+        onehot = b.op("OneHot", [b.op("ArgMax", [logits], axis=1, keepdims=0), depth,
+                                 b.initializer(np.array([0.0, 1.0], np.float32), "on_off")], axis=-1)
+        row_sum = b.axes_op("ReduceSum", b.op("Abs", [TARGET_WEIGHTS]), [1], keepdims=1)
+        has_target = b.op("Cast", [b.op("Greater", [row_sum, b.initializer(np.array(0.0, np.float32), "zero")])],
+                          to=TensorProto.FLOAT)
+        no_target = b.op("Sub", [b.initializer(np.array(1.0, np.float32), "one"), has_target])
+        weights = b.op("Add", [TARGET_WEIGHTS, b.op("Mul", [onehot, no_target])])
+    weighted = b.op("Mul", [logits, weights])
+    b.nodes.append(helper.make_node("ReduceSum", [weighted], [b.reserve(SCORE)], keepdims=0,
+                                    name=b.fresh("score")))
+    b.apply_to(proto)
     return SCORE
 
 
-def set_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
+def set_outputs(proto: onnx.ModelProto, names: list[str], view: GraphView | None = None) -> None:
     """Replace the graph outputs by ``names`` (in order, without repeats), keeping known types."""
-    known = {vi.name: vi for vi in list(proto.graph.output) + list(proto.graph.value_info)}
-    if any(name not in known for name in names):
-        known.update(_inferred_value_infos(proto))
-    seen = []
-    for name in names:
-        if name not in seen:
-            seen.append(name)
+    view = view or GraphView(proto)
     outputs = []
-    for name in seen:
-        if name in known and known[name].type.tensor_type.elem_type:
+    for name in dict.fromkeys(names):
+        known = view.value_infos.get(name)
+        if known is not None and known.type.tensor_type.elem_type:
             vi = onnx.ValueInfoProto()
-            vi.CopyFrom(known[name])
+            vi.CopyFrom(known)
         else:
             vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
         outputs.append(vi)
@@ -188,40 +129,66 @@ def set_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
     proto.graph.output.extend(outputs)
 
 
-def _inferred_value_infos(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    except Exception:
-        return {}
-    return {vi.name: vi for vi in inferred.graph.value_info}
-
-
-def _check_tensors_exist(proto: onnx.ModelProto, tensors: list[str]) -> None:
-    made = set(producers(proto.graph)) | {i.name for i in proto.graph.input}
+def _check_tensors_exist(view: GraphView, tensors: list[str]) -> None:
+    made = set(view.producer) | {i.name for i in view.graph.input}
     missing = [t for t in tensors if t not in made]
     if missing:
         raise OnnxcamError(f"tensor(s) {', '.join(missing)} are not in the graph; "
                            "list valid nodes with `onnxcam nodes MODEL`")
 
 
-def build_forward_model(model: LoadedModel, activations: list[str],
-                        probabilities: bool = False) -> AugmentedModel:
-    """Forward-only model exposing the logits and the chosen activations (CAM, EigenCAM, Score-CAM)."""
-    _check_tensors_exist(model.proto, activations)
+def specialise_shapes(model: LoadedModel, feeds: dict[str, np.ndarray]) -> LoadedModel:
+    """The model with every input fixed to the shape of its feed and every tensor's type and shape
+    written into the graph, measured by one run on ``feeds``.
+
+    Exporters such as tf2onnx and paddle2onnx compute shapes at run time (Shape -> Gather -> Concat ->
+    Reshape) and leave shape inference blind; a gradient builder needs ranks and sizes. With the
+    shapes of this batch written in, every Shape-derived subgraph folds to a constant (graph.py) and
+    the backward graph is built for exactly this input shape."""
     proto = copy_model(model.proto)
-    logits = find_logits(proto, probabilities)
-    set_outputs(proto, [logits, *activations])
+    graph = proto.graph
+    for vi in graph.input:
+        if vi.name in feeds:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for size in feeds[vi.name].shape:
+                dims.add().dim_value = int(size)
+    tensors = [o for node in graph.node for o in node.output if o]
+    measured = probe_shapes(proto, tensors, None, feeds)
+    outputs = {vi.name for vi in graph.output}
+    del graph.value_info[:]
+    for name, (elem_type, shape) in measured.items():
+        if elem_type and name not in outputs:
+            graph.value_info.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+    for vi in graph.output:
+        if vi.name in measured:
+            elem_type, shape = measured[vi.name]
+            vi.type.tensor_type.elem_type = vi.type.tensor_type.elem_type or elem_type or TensorProto.FLOAT
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shape:
+                dims.add().dim_value = int(size)
+    return replace(model, proto=proto)
+
+
+def build_forward_model(model: LoadedModel, activations: list[str], probabilities: bool = False,
+                        output: str | None = None) -> AugmentedModel:
+    """Forward-only model exposing the logits and the chosen activations (CAM, EigenCAM, Score-CAM)."""
+    _check_tensors_exist(model.view, activations)
+    proto = copy_model(model.proto)
+    logits = find_logits(model.view, probabilities, output)
+    set_outputs(proto, [logits, *activations], model.view)
     return AugmentedModel(proto, model.input.name, logits, list(activations), [], None)
 
 
 def build_gradient_augmented_model(model: LoadedModel, activations: list[str], backend: str = "auto",
-                                   probabilities: bool = False) -> AugmentedModel:
-    """The ONE model of DESIGN.md: logits, activations and d score / d activations in one run."""
-    _check_tensors_exist(model.proto, activations)
+                                   probabilities: bool = False, output: str | None = None) -> AugmentedModel:
+    """The one augmented model: logits, activations and d score / d activations in one run."""
+    _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(proto, probabilities)
-    score = add_target_head(proto, logits)
-    set_outputs(proto, [logits, *activations])
+    logits = find_logits(model.view, probabilities, output)
+    score = add_target_head(proto, logits, model.view)
+    set_outputs(proto, [logits, *activations], model.view)
     proto, used = build_gradient_model(proto, score, list(activations), backend)
     helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, BACKEND_KEY: used})
     return AugmentedModel(proto, model.input.name, logits, list(activations),

@@ -1,4 +1,6 @@
+import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -8,8 +10,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tools"))
 MODEL_CACHE = ROOT / ".cache" / "models"
-# augmented models built by the tests go to a cache of their own, never the user's ~/.cache/onnxcam
-os.environ.setdefault("ONNXCAM_CACHE_DIR", str(ROOT / ".cache" / "onnxcam-tests"))
+
+
+def _source_digest() -> str:
+    """sha256 over onnxcam's sources (paths and bytes): a code change gives a new test cache."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "onnxcam").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _test_cache_dir() -> Path:
+    """Augmented models built by the tests go to a cache of their own, never the user's
+    ~/.cache/onnxcam, in a folder named by the source digest so that editing a gradient rule (or any
+    code) always rebuilds; folders of other digests are removed."""
+    base = ROOT / ".cache" / "onnxcam-tests"
+    here = base / _source_digest()
+    if base.is_dir():
+        for old in base.iterdir():
+            if old != here:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return here
+
+
+os.environ.setdefault("ONNXCAM_CACHE_DIR", str(_test_cache_dir()))
 
 
 # --- EfficientNet-Lite0 (pretrained weights from pip packages), built once into .cache/models -----

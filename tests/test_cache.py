@@ -1,8 +1,10 @@
 """The on-disk model cache: hits, misses, damaged files and unwritable directories."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -11,6 +13,7 @@ from onnxcam import cache
 from onnxcam.cache import cache_key, cached_model, default_cache_dir
 
 from tiny_models import tiny_classifier
+from user_path import run_without_privileges
 
 PARTS = {"nodes": ["act"], "family": "gradient", "backend": "portable", "probabilities": False}
 
@@ -81,18 +84,39 @@ def test_key_changes_with_model_and_version(monkeypatch):
     assert cache_key(PARTS, tiny_classifier().SerializeToString()) != base
 
 
-@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root can write anywhere")
+UNWRITABLE_CHILD = """
+import json, os, sys
+from onnxcam.cache import cached_model
+from tiny_models import tiny_classifier
+calls = []
+built = tiny_classifier(channels=7)
+def build():
+    calls.append(1)
+    return built
+same = [cached_model({"nodes": ["act"]}, tiny_classifier(), build, cache_dir=sys.argv[1]) is built
+        for _ in range(2)]
+print(json.dumps({"calls": len(calls), "same": same, "entries": os.listdir(sys.argv[1])}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 def test_unwritable_dir_disables_caching(tmp_path):
+    """Run where permissions bind (as root: with every capability dropped, see user_path)."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        build = Builder(tiny_classifier(channels=7))
-        for _ in range(2):
-            assert cached_model(PARTS, tiny_classifier(), build, cache_dir=locked) is build.proto
-        assert build.calls == 2 and _entries(locked) == []
+        done = run_without_privileges(UNWRITABLE_CHILD, str(locked))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"calls": 2, "same": [True, True], "entries": []}
     finally:
         locked.chmod(0o700)
+
+
+def test_test_cache_is_keyed_by_the_source():
+    """The suite's cache folder is named by a digest of onnxcam's sources (tests/conftest.py)."""
+    import conftest
+    assert Path(os.environ["ONNXCAM_CACHE_DIR"]).name == conftest._source_digest()
 
 
 def test_cache_dir_that_is_a_file_disables_caching(tmp_path):

@@ -4,7 +4,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcam.canonicalize import PREFIX, canonicalize_for_gradients
+from onnxcam.gradients.canonical import PREFIX, canonicalize_for_gradients
 
 ort = pytest.importorskip("onnxruntime")
 

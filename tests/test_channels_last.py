@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnxcam import METHODS, Explainer
 from onnxcam.cli import main
 from onnxcam.gradients import ort_training_available
-from tiny_models import keras_mobilenet_like
+from tiny_models import channels_last_1d, keras_mobilenet_like
 
 BACKENDS = ["portable"] + (["ort-training"] if ort_training_available() else [])
 
@@ -49,3 +49,22 @@ def test_cli_needs_no_layout_flag(tmp_path):
     assert result.exit_code == 0, result.output
     assert cv2.imread(str(tmp_path / "out" / "photo_gradcam.png")).shape == (48, 40, 3)
     assert np.load(tmp_path / "out" / "photo_gradcam.npy").shape == (32, 32)
+
+
+def test_channels_last_1d_model_gives_the_same_maps_through_the_cli_and_the_api(tmp_path):
+    """The CLI leaves the layout to the one guesser (layouts.py) unless --layout is given: a (N, L, C)
+    signal model explains alike through `onnxcam explain` and through the Explainer."""
+    model = channels_last_1d()
+    path = tmp_path / "nlc.onnx"
+    onnx.save(model, str(path))
+    signal = np.random.default_rng(3).normal(size=(24, 2)).astype(np.float32)
+    np.save(tmp_path / "signal.npy", signal)
+    for method in ("gradcam", "scorecam"):
+        result = CliRunner().invoke(main, ["explain", str(path), str(tmp_path / "signal.npy"), "--node",
+                                           "features", "--method", method, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 0, result.output
+        from_cli = np.load(tmp_path / "out" / f"signal_{method}.npy")
+        from_api = Explainer(model, "features").explain(signal[None], method=method).maps[0]
+        assert from_cli.shape == (24,)
+        np.testing.assert_array_equal(from_cli, from_api)
+        assert from_api.max() > 0.999 and from_api.min() == 0.0   # a real map, not a blank one

@@ -199,11 +199,24 @@ def test_refuses_max_pooling_and_partial_means():
          helper.make_node("Gemm", ["f", "W"], ["logits"], transB=1)], [const("W", W)])
 
 
+def test_weights_computed_from_constants_alone_are_folded():
+    """Relu(Wt) of a constant Wt is a constant: the graph view folds it, so CAM reads Relu(Wt)."""
+    model = build([helper.make_node("GlobalAveragePool", ["act"], ["p"]),
+                   helper.make_node("Flatten", ["p"], ["f"]),
+                   helper.make_node("Transpose", ["f"], ["ft"]),
+                   helper.make_node("Relu", ["Wt"], ["computed"]),
+                   helper.make_node("Gemm", ["ft", "computed"], ["logits"], transA=1)],
+                  [const("Wt", W.T.copy())], [2, C, 4, 4])
+    head = find_classifier_weights(model, "act")
+    np.testing.assert_array_equal(head.weight, np.maximum(W, 0))
+
+
 def test_refuses_weights_that_are_not_constants_and_branching_activations():
     graph_w = refusal([helper.make_node("GlobalAveragePool", ["act"], ["p"]),
                        helper.make_node("Flatten", ["p"], ["f"]),
                        helper.make_node("Transpose", ["f"], ["ft"]),
-                       helper.make_node("Relu", ["Wt"], ["computed"]),
+                       helper.make_node("ReduceMax", ["x"], ["gain"], keepdims=0),
+                       helper.make_node("Mul", ["Wt", "gain"], ["computed"]),   # depends on the input
                        helper.make_node("Gemm", ["ft", "computed"], ["logits"], transA=1)],
                       [const("Wt", W.T.copy())])
     assert "Gemm (weights are not constants)" in graph_w

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from onnxcam.errors import OnnxcamError
-from onnxcam.methods import (METHODS, cam, eigencam, get_method, gradcam, gradcam_plus_plus, hirescam,
-                             layercam, weighted_sum, xgradcam)
+from onnxcam.methods import (CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, METHODS, cam, eigencam, get_method,
+                             gradcam, gradcam_plus_plus, hirescam, layercam, weighted_sum, xgradcam)
 from onnxcam.methods.eigencam import first_component_projection
 
 # channel 0 sums to 10, channel 1 to 2
@@ -164,14 +164,15 @@ def test_eigencam_needs_spatial_axes():
 def test_registry_lists_every_method_in_order_with_its_needs():
     assert list(METHODS) == ["cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam",
                              "scorecam"]
-    assert [m.name for m in METHODS.values() if m.needs_gradients] == [
+    assert [m.name for m in METHODS.values() if m.needs == (GRADIENTS,)] == [
         "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
-    assert METHODS["cam"].needs_classifier_weights and METHODS["scorecam"].needs_forward
+    assert METHODS["cam"].needs == (CLASS_WEIGHTS,) and METHODS["scorecam"].needs == (CHANNEL_SCORES,)
+    assert METHODS["eigencam"].needs == ()
     assert not METHODS["eigencam"].needs_target
     assert all(m.needs_target for name, m in METHODS.items() if name != "eigencam")
     assert all(m.paper and m.description for m in METHODS.values())
-    assert get_method("GradCAM++").layer_map is gradcam_plus_plus
-    assert get_method("scorecam").layer_map is weighted_sum
+    assert get_method("GradCAM++").function is gradcam_plus_plus
+    assert get_method("scorecam").function is weighted_sum
 
 
 def test_unknown_method_lists_valid_names():

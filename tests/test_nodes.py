@@ -380,7 +380,7 @@ def test_probe_resolves_a_reshape_whose_shape_inference_cannot_compute():
 def test_no_probe_when_inference_knows_every_shape(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("probe run although shape inference was enough")
-    monkeypatch.setattr(nodes, "_probe_types", refuse)
+    monkeypatch.setattr(nodes, "probe_shapes", refuse)
     candidates = list_candidates(_classifier([]))
     assert [(c.name, c.shape) for c in candidates] == [("conv", (1, 8, 8, 8)), ("relu", (1, 8, 8, 8)),
                                                        ("pool", (1, 8, 1, 1))]

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 from onnx import helper as h
-from test_portable_rules import finite_differences, gradients, graph_model, rand, session
+from gradient_checks import finite_differences, gradients, graph_model, rand, session
 
 from onnxcam.gradients import gradient_name, portable
 

@@ -1,126 +1,18 @@
-"""Every portable gradient rule against central finite differences (the helpers are reused by
-test_portable_graphs.py): tiny graphs, score = ReduceSum(y * R) for a fixed random R."""
+"""Every portable gradient rule against central finite differences (helpers in gradient_checks.py):
+tiny graphs, score = ReduceSum(y * R) for a fixed random R."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 from onnx import helper as h
 
 from onnxcam.errors import OnnxcamError
 from onnxcam.gradients import gradient_name, portable
 
-NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
-
-
-OLD_ORT = tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 20)
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    # the rules are checked as written: no fusions (older builds fuse MatMul+Transpose into a
-    # contrib op that has no float64 kernel)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def graph_model(nodes, inputs: dict, consts: dict | None = None, outputs=("y",), opset: int = 17,
-                score_of: str | None = "y", seed: int = 0) -> onnx.ModelProto:
-    """A model whose graph inputs are ``inputs`` (name -> array), with constants ``consts``.
-
-    With ``score_of``, appends score = ReduceSum(Cast(y, double) * R) for a fixed random R, so every
-    element of y matters, and exposes ``score`` as an output.
-    """
-    consts = consts or {}
-    graph_inputs = [helper.make_tensor_value_info(k, NP_TO_ONNX[v.dtype], v.shape) for k, v in inputs.items()]
-    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()]
-    model = helper.make_model(helper.make_graph(list(nodes), "g", graph_inputs, [], inits),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    model.graph.output.extend([inferred[o] for o in outputs])
-    if score_of is None:
-        return model
-    y_shape = session(model).run([score_of], inputs)[0].shape
-    r = np.random.default_rng(seed + 1).normal(size=y_shape)
-    model.graph.initializer.append(numpy_helper.from_array(r, "onnxcam_test_R"))
-    model.graph.node.extend([
-        helper.make_node("Cast", [score_of], ["y64"], to=TensorProto.DOUBLE),
-        helper.make_node("Mul", ["y64", "onnxcam_test_R"], ["weighted"]),
-        helper.make_node("ReduceSum", ["weighted"], ["score"], keepdims=0),
-    ])
-    model.graph.output.append(helper.make_tensor_value_info("score", TensorProto.DOUBLE, []))
-    return model
-
-
-def gradients(model: onnx.ModelProto, inputs: dict, wrt, score="score") -> list[np.ndarray]:
-    built = portable.build(model, score, list(wrt))
-    onnx.checker.check_model(built, full_check=True)
-    names = [gradient_name(t) for t in wrt]
-    return session(built).run(names, inputs)
-
-
-def finite_differences(model: onnx.ModelProto, inputs: dict, name: str, eps: float,
-                       score="score") -> np.ndarray:
-    sess = session(model)
-    x = inputs[name]
-    out = np.zeros(x.shape, dtype=np.float64)
-    for i in np.ndindex(x.shape):
-        values = []
-        for sign in (1, -1):
-            moved = x.copy()
-            moved[i] += sign * eps
-            values.append(float(sess.run([score], {**inputs, name: moved})[0]))
-        out[i] = (values[0] - values[1]) / (2 * eps)
-    return out
-
-
-def assert_gradients_match(nodes, inputs: dict, consts: dict | None = None, wrt=("x",), opset: int = 17,
-                           seed: int = 0):
-    """Analytic gradients equal central differences: float64 tight, float32 with eps 1e-3 and 1 % tolerance."""
-    inputs = {k: np.asarray(v) for k, v in inputs.items()}
-    model = graph_model(nodes, inputs, consts, opset=opset, seed=seed)
-    grads = gradients(model, inputs, wrt)
-    for name, g in zip(wrt, grads):
-        x = inputs[name]
-        assert g.shape == x.shape and g.dtype == x.dtype
-        double = x.dtype == np.float64
-        fd = finite_differences(model, inputs, name, 1e-6 if double else 1e-3)
-        scale = max(1.0, float(np.abs(fd).max()))
-        np.testing.assert_allclose(g, fd, rtol=1e-6 if double else 1e-2, atol=(1e-7 if double else 3e-3) * scale,
-                                   err_msg=f"d score / d {name}")
-    return grads
-
-
-# ---- the rules ------------------------------------------------------------------------------------
-# ONNX Runtime's CPU provider has no float64 kernel for Conv, ConvTranspose, AveragePool, the global
-# pools, Erf, Gelu, HardSigmoid, HardSwish, LeakyRelu, PRelu, Elu, InstanceNormalization, Resize and
-# Softplus: those cases run in float32 (eps 1e-3, 1 % tolerance); everything else in float64.
-F32, F64 = np.float32, np.float64
-
-
-def rand(*shape, dtype=F64, seed=0, low=None):
-    x = np.random.default_rng(seed).normal(size=shape)
-    if low is not None:
-        x = np.abs(x) + low
-    return np.asarray(x, dtype=dtype)
-
-
-def away_from(x, points, gap=0.05):
-    """Move values off the kinks (finite differences straddling a kink are meaningless)."""
-    x = x.copy()
-    for p in points:
-        close = np.abs(x - p) < gap
-        x[close] = p + np.where(x[close] >= p, gap, -gap)
-    return x
-
-
-def one(op, *inputs, **attrs):
-    return [h.make_node(op, list(inputs), ["y"], **attrs)]
+from gradient_checks import (F32, F64, OLD_ORT, assert_gradients_match, away_from,
+                             finite_differences, gradients, graph_model, one, rand, session)
 
 
 UNARY = [  # op, attrs, dtype, kinks, positive-only input
@@ -165,10 +57,13 @@ def test_same_tensor_twice_and_mean():
     assert_gradients_match(one("Mean", "x", "b", "x"), {"x": x.astype(F32), "b": rand(4, dtype=F32)}, wrt=("x", "b"))
 
 
-def test_binary_dynamic_shapes():
-    """Operand shapes only known at run time: the Shape-based reduction (opset 13+)."""
-    x, b = rand(2, 3, 4), rand(3, 1, seed=3)
-    model = graph_model(one("Mul", "x", "b"), {"x": x, "b": b})
+@pytest.mark.parametrize("opset", [11, 12, 13, 17])
+@pytest.mark.parametrize("b_shape", [(3, 1), (1, 4), (2, 3, 4), (1, 1, 1)])
+def test_binary_dynamic_shapes(opset, b_shape):
+    """Operand shapes only known at run time: the Shape-based reduction (opset 13+), or the
+    axis-by-axis form with static axes (opset 11 and 12)."""
+    x, b = rand(2, 3, 4), rand(*b_shape, seed=3)
+    model = graph_model(one("Mul", "x", "b"), {"x": x, "b": b}, opset=opset)
     for vi in model.graph.input:
         for d in vi.type.tensor_type.shape.dim:
             d.dim_param = "d" + vi.name + str(id(d) % 97)
@@ -452,14 +347,20 @@ RESIZES = [
     ("linear", "align_corners", None, (1, 1, 3, 4), [1, 1, 2, 3]),
     ("linear", "asymmetric", None, (2, 3, 5), [1, 1, 1.6]),
     ("linear", "half_pixel", None, (1, 1, 2, 3, 2), [1, 1, 2, 1, 1.5]),
+    ("cubic", "half_pixel", None, (1, 2, 5, 6), [1, 1, 1.6, 0.5]),
+    ("cubic", "align_corners", None, (1, 1, 4, 3), [1, 1, 2, 2]),
+    ("cubic", "asymmetric", "exclude_outside", (1, 1, 6, 5), [1, 1, 0.5, 2]),
 ]
 
 
-@pytest.mark.parametrize("mode,transform,nearest,xs,scales", RESIZES, ids=[f"{r[0]}-{r[1]}" for r in RESIZES])
+@pytest.mark.parametrize("mode,transform,nearest,xs,scales", RESIZES,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in RESIZES])
 @pytest.mark.parametrize("by_sizes", [False, True])
 def test_resize(mode, transform, nearest, xs, scales, by_sizes):
     attrs = {"mode": mode, "coordinate_transformation_mode": transform}
-    if nearest:
+    if nearest == "exclude_outside":
+        attrs["exclude_outside"] = 1
+    elif nearest:
         attrs["nearest_mode"] = nearest
     if by_sizes:
         sizes = _ints(*[int(np.floor(n * s)) for n, s in zip(xs, scales)])

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 from onnx import helper as h
-from test_portable_rules import session
+from gradient_checks import session
 
 from onnxcam.gradients import gradient_name, portable
 

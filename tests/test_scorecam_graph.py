@@ -10,7 +10,7 @@ from onnxcam import layouts
 from onnxcam.methods.scorecam import channel_masks, scorecam_weights
 from onnxcam.model import load_model
 from onnxcam.runtime import Runner
-from onnxcam.scorecam_graph import ScoreCamScorer, build_scorecam_model, distinct_maps
+from onnxcam.scorecam import InGraphScorer, build_scorecam_model, distinct_maps
 from onnxcam.surgery import build_forward_model
 
 from tiny_models import tiny_classifier
@@ -52,7 +52,7 @@ def test_weights_equal_numpy_reference(tiny):
     A = _with_constant_and_duplicate(A)
     targets = np.array([0, 4, 2])
     expected = scorecam_weights(A, x, targets, logits_of, batch_size=4)
-    scorer = ScoreCamScorer(tiny, layouts.FIRST, provider="cpu")
+    scorer = InGraphScorer(tiny, layouts.FIRST, provider="cpu")
     got = scorer.weights(A, x, targets, batch_size=4)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
@@ -64,7 +64,7 @@ def test_faster_scorecam_matches_reference(tiny):
     logits, A = _activations(runner, tiny, x)
     targets = logits.argmax(axis=1)
     expected = scorecam_weights(A, x, targets, logits_of, batch_size=3, max_channels=3)
-    got = ScoreCamScorer(tiny, layouts.FIRST, provider="cpu").weights(A, x, targets, batch_size=3,
+    got = InGraphScorer(tiny, layouts.FIRST, provider="cpu").weights(A, x, targets, batch_size=3,
                                                                      max_channels=3)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     assert ((got > 0).sum(axis=1) <= 3).all()
@@ -77,9 +77,9 @@ def test_chunked_equals_unchunked_and_counts_distinct_masks(tiny):
     A = _with_constant_and_duplicate(A)
     targets = np.array([1, 3])
     seen = []
-    one = ScoreCamScorer(tiny, layouts.FIRST, provider="cpu")
+    one = InGraphScorer(tiny, layouts.FIRST, provider="cpu")
     w_one = one.weights(A, x, targets, batch_size=1, progress=lambda done, total: seen.append((done, total)))
-    whole = ScoreCamScorer(tiny, layouts.FIRST, provider="cpu")
+    whole = InGraphScorer(tiny, layouts.FIRST, provider="cpu")
     w_whole = whole.weights(A, x, targets, batch_size=64)
     np.testing.assert_array_equal(w_one, w_whole)
     # sample 0: 6 channels, two constant -> 4 varying + 1 zero mask; sample 1: one duplicate -> 5
@@ -161,7 +161,7 @@ def test_channels_last_graph_equals_reference():
     targets = logits.argmax(axis=1)
     expected = scorecam_weights(A, layouts.to_channels_first(x, layouts.LAST), targets, logits_of,
                                 batch_size=3)
-    got = ScoreCamScorer(model, layouts.LAST, provider="cpu").weights(A, x, targets, batch_size=3)
+    got = InGraphScorer(model, layouts.LAST, provider="cpu").weights(A, x, targets, batch_size=3)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
@@ -172,7 +172,7 @@ def test_fixed_batch_model_pads_chunks():
     logits, A = _activations(runner, model, x)
     targets = logits.argmax(axis=1)
     expected = scorecam_weights(A, x, targets, logits_of, batch_size=2)
-    got = ScoreCamScorer(model, layouts.FIRST, provider="cpu").weights(A, x, targets, batch_size=32)
+    got = InGraphScorer(model, layouts.FIRST, provider="cpu").weights(A, x, targets, batch_size=32)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
@@ -182,3 +182,38 @@ def test_old_opset_is_refused_with_a_clear_error(tiny):
     proto.opset_import[0].version = 10
     with pytest.raises(OnnxcamError, match="opset 11"):
         build_scorecam_model(load_model(proto), layouts.FIRST)
+
+
+# ---- against the torch oracle (torch interpolation, torch forward passes, torch softmax), which shares
+# no code with onnxcam; activations with negative values and a non-zero minimum, so a mask that skips
+# the min-subtraction or the normalisation shows
+
+
+def _signed_activations(rng, n, c, spatial):
+    A = rng.normal(size=(n, c, *spatial)) * rng.uniform(0.1, 5, size=(n, c) + (1,) * len(spatial)) - 2.0
+    A = A.astype(np.float32)
+    A[0, 1] = -0.75            # a constant negative channel: the all-zero mask
+    A[1, 3] = A[1, 0]          # an exact duplicate
+    return A
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (3, 5)], ids=["same-size", "upsampled"])
+@pytest.mark.parametrize("max_channels", [None, 4])
+def test_weights_equal_torch_oracle_on_signed_activations(spatial, max_channels):
+    torch_oracle = pytest.importorskip("torch_oracle")
+    proto = tiny_classifier(channels=6, classes=5, size=8)
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    A = _signed_activations(rng, 2, 6, spatial)
+    targets = np.array([3, 1])
+    got = InGraphScorer(load_model(proto), layouts.FIRST, provider="cpu").weights(
+        A, x, targets, batch_size=4, max_channels=max_channels)
+    net = torch_oracle.tiny_classifier_torch(proto)
+    if max_channels is None:
+        expected = torch_oracle.scorecam_weights(net, A, x, targets)
+    else:   # Faster Score-CAM = Score-CAM on the kept (highest spatial variance) channels alone
+        expected = np.zeros_like(got)
+        for n in range(2):
+            kept = np.sort(np.argsort(-A[n].reshape(6, -1).var(axis=1))[:max_channels])
+            expected[n, kept] = torch_oracle.scorecam_weights(net, A[n:n + 1, kept], x[n:n + 1], targets[n:n + 1])[0]
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)

@@ -239,3 +239,25 @@ def flattened_node_classifier() -> onnx.ModelProto:
     opset.version = 17
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def channels_last_1d(length: int = 24, channels: int = 2, filters: int = 6, classes: int = 4,
+                     seed: int = 0) -> onnx.ModelProto:
+    """A Keras-style 1D net on (N, L, C) signals: Transpose -> Conv -> Relu -> Transpose back, so the
+    explained node 'features' is channels-last (N, L', F); then a mean over time and a MatMul."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(scale=0.5, size=(filters, channels, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.normal(size=(filters, classes)).astype(np.float32), "fc")
+    nodes = [
+        helper.make_node("Transpose", ["signal"], ["ncl"], perm=[0, 2, 1], name="to_ncl"),
+        helper.make_node("Conv", ["ncl", "w"], ["conv"], pads=[1, 1], name="conv1d/Conv"),
+        helper.make_node("Relu", ["conv"], ["relu"], name="conv1d/Relu"),
+        helper.make_node("Transpose", ["relu"], ["features"], perm=[0, 2, 1], name="features"),
+        helper.make_node("ReduceMean", ["features"], ["pooled"], axes=[1], keepdims=0, name="pool"),
+        helper.make_node("MatMul", ["pooled", "fc"], ["logits"], name="dense"),
+    ]
+    graph = helper.make_graph(nodes, "nlc", [helper.make_tensor_value_info("signal", TensorProto.FLOAT,
+                                                                           ["N", length, channels])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+                              [w, fc])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

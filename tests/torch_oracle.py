@@ -124,3 +124,23 @@ def reference_maps(method: str, model, module, x: np.ndarray, targets, call: int
     elif method == "scorecam":
         weights = scorecam_weights(model, A, x, targets)
     return final_maps([layer_map(method, A, G, weights)], x.shape[2:])
+
+
+def tiny_classifier_torch(proto):
+    """tests/tiny_models.tiny_classifier (rank 2) as a torch module with the same weights: Conv 3x3
+    (pad 1) -> ReLU -> global mean -> linear; returns the logits (before the Softmax)."""
+    from onnx import numpy_helper
+    w = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in proto.graph.initializer}
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_w, self.conv_b = torch.nn.Parameter(w["conv_w"]), torch.nn.Parameter(w["conv_b"])
+            self.fc_w, self.fc_b = torch.nn.Parameter(w["fc_w"]), torch.nn.Parameter(w["fc_b"])
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x):
+            act = self.relu(F.conv2d(x, self.conv_w, self.conv_b, padding=1))
+            return act.mean((2, 3)) @ self.fc_w.T + self.fc_b
+
+    return Tiny().eval()

@@ -218,7 +218,7 @@ def _onnxcam_job(job, threads):
         explainer.gradient_session()       # session built before the memory baseline
         return lambda x: (explainer.explain(x, method=method).maps, None)
     explainer.forward_session()
-    scorer = explainer.score_cam_scorer()      # the in-graph scorer Explainer.explain uses
+    scorer = explainer.scorecam.in_graph_scorer()      # the in-graph scorer Explainer.explain uses
 
     def run(x):
         before = scorer.masks_scored if scorer else 0

@@ -13,8 +13,9 @@ import re
 import onnx
 from onnx import helper, version_converter
 
-from ..canonicalize import canonicalize_for_gradients
+from .canonical import canonicalize_for_gradients
 from ..errors import OnnxcamError
+from ..graph import GraphView, default_opset
 from . import gradient_name
 
 MAX_OPSET = 21  # highest ai.onnx opset onnxruntime 1.19.2 implements
@@ -51,8 +52,8 @@ def _check_request(model: onnx.ModelProto, score: str, wrt: list[str]) -> None:
 
 def _with_supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     """Convert the default-domain opset into [MIN_OPSET, MAX_OPSET] when it is outside."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or MIN_OPSET <= opset <= MAX_OPSET:
+    opset = default_opset(model)
+    if MIN_OPSET <= opset <= MAX_OPSET:
         converted = model
     else:
         target = MAX_OPSET if opset > MAX_OPSET else MIN_OPSET
@@ -114,15 +115,16 @@ def _explain_builder_failure(message: str, wrt: list[str]) -> str:
 def _route_outputs(built: onnx.ModelProto, original: onnx.ModelProto, wrt: list[str]) -> onnx.ModelProto:
     """Outputs = the original outputs, then ``gradient_name(t)`` (an Identity of ``t_grad``) per t."""
     graph = built.graph
-    types = _tensor_types(original)
+    view = GraphView(original)
     gradients = []
     for tensor in wrt:
         name = gradient_name(tensor)
         graph.node.append(helper.make_node("Identity", [tensor + "_grad"], [name],
                                            name=f"onnxcam_grad/{tensor}"))
         gradient = onnx.ValueInfoProto()
-        if tensor in types:
-            gradient.type.CopyFrom(types[tensor])
+        known = view.value_infos.get(tensor)
+        if known is not None and known.type.HasField("tensor_type"):
+            gradient.type.CopyFrom(known.type)
         else:
             gradient.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         gradient.name = name
@@ -131,15 +133,6 @@ def _route_outputs(built: onnx.ModelProto, original: onnx.ModelProto, wrt: list[
     del graph.output[:]
     graph.output.extend(outputs)
     return built
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    try:
-        graph = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:
-        graph = model.graph
-    infos = list(graph.input) + list(graph.value_info) + list(graph.output)
-    return {info.name: info.type for info in infos if info.type.HasField("tensor_type")}
 
 
 def _summary(error) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import OnnxcamError
 from ._arrays import weighted_sum
 from .eigencam import eigencam
@@ -13,56 +15,73 @@ from .postprocess import fuse_layers, layer_to_input, normalize, resize
 from .scorecam import channel_masks, scorecam_weights
 
 
+# What a method may need besides the activations A (N, C, *S) of the node, each named after the
+# LayerInputs field that carries it. The Explainer has one provider per need.
+GRADIENTS = "gradients"            # d score / d A, same shape as A
+CLASS_WEIGHTS = "class_weights"    # (N, C): the classifier row of each sample's target (CAM)
+CHANNEL_SCORES = "channel_scores"  # (N, C): Score-CAM's softmax of the masked inputs' scores
+NEEDS = (GRADIENTS, CLASS_WEIGHTS, CHANNEL_SCORES)
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """Everything a method can be given for one node and one batch; only what it needs is filled in."""
+    activations: np.ndarray
+    gradients: np.ndarray | None = None
+    class_weights: np.ndarray | None = None
+    channel_scores: np.ndarray | None = None
+
+
 @dataclass(frozen=True)
 class Method:
-    """What a CAM method needs from the model, and the function giving its map at layer resolution.
+    """A CAM method: the pure function giving its map at layer resolution, and what it needs.
 
-    ``layer_map`` signature by kind: ``(A, G)`` when ``needs_gradients``; ``(A, class_weights)`` when
-    ``needs_classifier_weights``; ``(A, w)`` with ``w = scorecam_weights(...)`` when ``needs_forward``;
-    ``(A)`` otherwise.
-    """
+    ``function(A, *inputs)`` takes the activations, then one array per entry of ``needs`` in order."""
     name: str
-    needs_gradients: bool
-    needs_classifier_weights: bool
-    needs_forward: bool
-    needs_target: bool
-    layer_map: Callable
+    function: Callable
+    needs: tuple[str, ...]
     description: str
     paper: str
+    needs_target: bool = True
+
+    def layer_map(self, inputs: LayerInputs) -> np.ndarray:
+        return self.function(inputs.activations, *(getattr(inputs, need) for need in self.needs))
 
 
-def _method(name, layer_map, description, paper, *, gradients=False, classifier=False, forward=False,
-            target=True) -> Method:
-    return Method(name, gradients, classifier, forward, target, layer_map, description, paper)
+def _method(name, function, needs, description, paper, target=True) -> Method:
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"method {name} needs unknown inputs {sorted(unknown)}")
+    return Method(name, function, tuple(needs), description, paper, target)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    _method("cam", cam, "weights = the classifier's row for the target, after global average pooling",
+    _method("cam", cam, [CLASS_WEIGHTS], "weights = the classifier's row for the target, after global average pooling",
             "Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016 "
-            "(arXiv:1512.04150)", classifier=True),
-    _method("gradcam", gradcam, "weights = spatial mean of the gradient",
+            "(arXiv:1512.04150)"),
+    _method("gradcam", gradcam, [GRADIENTS], "weights = spatial mean of the gradient",
             "Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
-            "Localization, ICCV 2017 (arXiv:1610.02391)", gradients=True),
-    _method("gradcam++", gradcam_plus_plus, "weights = positive gradients weighted by higher-order terms",
+            "Localization, ICCV 2017 (arXiv:1610.02391)"),
+    _method("gradcam++", gradcam_plus_plus, [GRADIENTS], "weights = positive gradients weighted by higher-order terms",
             "Chattopadhyay et al., Grad-CAM++: Improved Visual Explanations for Deep Convolutional "
-            "Networks, WACV 2018 (arXiv:1710.11063)", gradients=True),
-    _method("xgradcam", xgradcam, "weights = gradient × activation normalised by the channel's sum",
+            "Networks, WACV 2018 (arXiv:1710.11063)"),
+    _method("xgradcam", xgradcam, [GRADIENTS], "weights = gradient × activation normalised by the channel's sum",
             "Fu et al., Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs, "
-            "BMVC 2020 (arXiv:2008.02312)", gradients=True),
-    _method("hirescam", hirescam, "element-wise gradient × activation, summed over channels",
+            "BMVC 2020 (arXiv:2008.02312)"),
+    _method("hirescam", hirescam, [GRADIENTS], "element-wise gradient × activation, summed over channels",
             "Draelos and Carin, Use HiResCAM instead of Grad-CAM for faithful explanations of "
-            "convolutional neural networks (arXiv:2011.08891)", gradients=True),
-    _method("layercam", layercam, "element-wise positive gradient × activation, summed over channels",
+            "convolutional neural networks (arXiv:2011.08891)"),
+    _method("layercam", layercam, [GRADIENTS], "element-wise positive gradient × activation, summed over channels",
             "Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, "
-            "IEEE TIP 2021", gradients=True),
-    _method("eigencam", eigencam, "first principal component of the activations (no target, no gradient)",
+            "IEEE TIP 2021"),
+    _method("eigencam", eigencam, [], "first principal component of the activations (no target, no gradient)",
             "Muhammad and Yeasin, Eigen-CAM: Class Activation Map using Principal Components, IJCNN 2020 "
             "(arXiv:2008.00299)", target=False),
-    _method("scorecam", weighted_sum, "weights = softmax of the target logit for the input masked by "
+    _method("scorecam", weighted_sum, [CHANNEL_SCORES], "weights = softmax of the target logit for the input masked by "
             "each channel (one forward pass per channel)",
             "Wang et al., Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks, "
             "CVPR Workshops 2020 (arXiv:1910.01279); Faster Score-CAM (max_channels): "
-            "https://github.com/tabayashi0117/Score-CAM#faster-score-cam", forward=True),
+            "https://github.com/tabayashi0117/Score-CAM#faster-score-cam"),
 )}
 
 
@@ -74,6 +93,7 @@ def get_method(name: str) -> Method:
     return method
 
 
-__all__ = ["METHODS", "Method", "get_method", "cam", "gradcam", "gradcam_plus_plus", "xgradcam", "hirescam",
+__all__ = ["METHODS", "Method", "LayerInputs", "NEEDS", "GRADIENTS", "CLASS_WEIGHTS", "CHANNEL_SCORES",
+           "get_method", "cam", "gradcam", "gradcam_plus_plus", "xgradcam", "hirescam",
            "layercam", "eigencam", "weighted_sum", "scorecam_weights", "channel_masks", "normalize", "resize",
            "layer_to_input", "fuse_layers"]

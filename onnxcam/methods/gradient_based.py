@@ -1,6 +1,6 @@
 """Layer maps from activations A and gradients G = d score / d A, both (N, C, *S) channels-first.
 
-Formulas and constants follow pytorch-grad-cam 1.5.x (see CONVENTIONS.md). Each function returns the
+Formulas and constants follow pytorch-grad-cam 1.5.x (docs/methods.md). Each function returns the
 map at layer resolution, (N, *S) float32, already passed through ReLU.
 """
 from __future__ import annotations

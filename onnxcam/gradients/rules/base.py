@@ -7,78 +7,35 @@ the static shapes found by shape inference, and the values of constant tensors.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...opsets import axes_are_input
-
-FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-
-Dim = int | str | None
-Shape = list[Dim] | None
+from ...graph import FLOAT_TYPES, GraphBuilder, GraphView, Shape, attributes  # noqa: F401 (FLOAT_TYPES for the rules)
 
 
 class Unsupported(Exception):
     """Raised by a rule when it has no exact gradient for this node (op, attribute or input)."""
 
 
-def node_attrs(node: onnx.NodeProto) -> dict:
-    """The node's attributes as Python values (ints, floats, strings decoded, lists, tensors)."""
-    out = {}
-    for a in node.attribute:
-        value = helper.get_attribute_value(a)
-        if isinstance(value, bytes):
-            value = value.decode()
-        out[a.name] = value
-    return out
+node_attrs = attributes   # the rules' name for "this node's attributes as Python values"
 
 
-class Emitter:
-    """Collects the backward nodes; answers questions about forward tensors."""
+class Emitter(GraphBuilder):
+    """Collects the backward nodes (constants as Constant nodes); answers questions about forward
+    tensors from the model's GraphView, plus the types of the tensors it adds itself."""
 
-    def __init__(self, opset: int, types: dict[str, tuple[int, Shape]], constants: dict[str, np.ndarray],
-                 taken: set[str], prefix: str = "onnxcam_bw"):
-        self.opset = opset
-        self._types = dict(types)
-        self._constants = constants
-        self._taken = taken
-        self._prefix = prefix
-        self._count = 0
-        self.nodes: list[onnx.NodeProto] = []
+    def __init__(self, view: GraphView, taken: set[str], prefix: str = "onnxcam_bw/"):
+        super().__init__(taken, prefix, view.opset)
+        self._view = view
+        self._types = view.types()
+        self._own_constants: dict[str, np.ndarray] = {}
         self._shape_cache: dict[str, str] = {}
-        self._const_cache: dict[tuple, str] = {}
 
-    # ---- names and nodes -------------------------------------------------------------------
-    def fresh(self, hint: str) -> str:
-        while True:
-            self._count += 1
-            name = f"{self._prefix}/{self._count}_{hint}"
-            if name not in self._taken:
-                self._taken.add(name)
-                return name
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs):
-        """Append one node; return its output name (or the list of names when n_out > 1)."""
-        name = self.fresh(op_type)
-        outputs = [f"{name}:{i}" for i in range(n_out)]
-        self._taken.update(outputs)
-        attrs = {k: v for k, v in attrs.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name, **attrs))
-        return outputs[0] if n_out == 1 else outputs
-
-    # ---- constants -----------------------------------------------------------------------------
     def const(self, value: np.ndarray) -> str:
         value = np.asarray(value)
-        key = (value.dtype.str, value.shape, value.tobytes())
-        if key not in self._const_cache:
-            name = self.fresh("Constant")
-            self._taken.add(name)
-            self.nodes.append(helper.make_node("Constant", [], [name], name=name + "_node",
-                                               value=numpy_helper.from_array(value, name)))
-            self._types[name] = (helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
-            self._constants[name] = value
-            self._const_cache[key] = name
-        return self._const_cache[key]
+        name = self.constant(value)
+        self._types[name] = (helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+        self._own_constants[name] = value
+        return name
 
     def np_dtype(self, like: str):
         return helper.tensor_dtype_to_np_dtype(self.dtype(like))
@@ -94,7 +51,7 @@ class Emitter:
             return self.op("Cast", [self.const(np.asarray(value, np.float32))], to=TensorProto.BFLOAT16)
         return self.const(np.asarray(value, dtype=self.np_dtype(like)))
 
-    def ints(self, values) -> str:
+    def ints(self, values, hint: str = "ints") -> str:
         return self.const(np.asarray(values, dtype=np.int64).reshape(-1))
 
     # ---- what is known about forward tensors --------------------------------------------------
@@ -131,10 +88,12 @@ class Emitter:
         return dims
 
     def value(self, name: str) -> np.ndarray | None:
-        """The value of a constant tensor (initializer or Constant output), else None."""
+        """The value of a constant tensor (initializer, Constant, folded constant subgraph), else None."""
         if not name:
             return None
-        return self._constants.get(name)
+        if name in self._own_constants:
+            return self._own_constants[name]
+        return self._view.constant(name)
 
     def required_value(self, name: str, what: str) -> np.ndarray:
         v = self.value(name)
@@ -147,13 +106,6 @@ class Emitter:
         if x not in self._shape_cache:
             self._shape_cache[x] = self.op("Shape", [x])
         return self._shape_cache[x]
-
-    def axes_op(self, op_type: str, x: str, axes, **attrs) -> str:
-        """``op_type(x)`` over ``axes``, given as an input or an attribute as the opset wants."""
-        axes = [int(a) for a in axes]
-        if axes_are_input(op_type, self.opset):
-            return self.op(op_type, [x, self.ints(axes)], **attrs)
-        return self.op(op_type, [x], axes=axes, **attrs)
 
     def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
         return self.axes_op(op_type, x, axes, keepdims=keepdims)
@@ -205,11 +157,11 @@ class Emitter:
                     return g
                 out = self.reduce("ReduceSum", g, axes, keepdims=1)
                 return self.squeeze(out, range(lead)) if lead else out
-        return self._dynamic_unbroadcast(g, target)
+        return self._dynamic_unbroadcast(g, target, g_shape, ts)
 
-    def _dynamic_unbroadcast(self, g: str, target: str) -> str:
+    def _dynamic_unbroadcast(self, g: str, target: str, g_dims: Shape = None, t_dims: Shape = None) -> str:
         if self.opset < 13:
-            raise Unsupported("broadcast with run-time-only shapes needs opset 13+ for the reduction")
+            return self._axis_by_axis_unbroadcast(g, g_dims, target, t_dims)
         g_shape, t_shape = self.op("Shape", [g]), self.shape_of(target)
         lead = self.op("Sub", [self.op("Size", [g_shape]), self.op("Size", [t_shape])])
         ones = self.op("ConstantOfShape", [self.unsqueeze(lead, [0])],
@@ -219,3 +171,30 @@ class Emitter:
         axes = self.op("Reshape", [self.op("NonZero", [differs]), self.ints([-1])])
         summed = self.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
         return self.op("Reshape", [summed, t_shape])
+
+    def _axis_by_axis_unbroadcast(self, g: str, g_rank: Shape, target: str, t_shape: Shape) -> str:
+        """The opset-11/12 form (ReduceSum takes static axes there): with the ranks known, each axis
+        whose size is known only at run time is summed, and the sum is kept where the operand's size is
+        1 and the gradient's is not (Where, then a Slice to the operand's size)."""
+        if g_rank is None or t_shape is None:
+            raise Unsupported("broadcast with run-time-only shapes and ranks (opset < 13)")
+        lead = len(g_rank) - len(t_shape)
+        if lead < 0:
+            raise Unsupported(f"gradient rank {len(g_rank)} below operand rank {len(t_shape)}")
+        if lead:
+            g = self.squeeze(self.reduce("ReduceSum", g, range(lead), keepdims=1), range(lead))
+        target_dims, one = self.shape_of(target), self.ints([1])
+        for axis, dim in enumerate(t_shape):
+            if isinstance(dim, int) and (dim != 1 or g_rank[lead + axis] == 1):
+                continue   # statically equal sizes: nothing to sum
+            summed = self.reduce("ReduceSum", g, [axis], keepdims=1)
+            if dim == 1:
+                g = summed
+                continue
+            index = self.ints([axis])
+            t_dim = self.op("Gather", [target_dims, index], axis=0)
+            g_dim = self.op("Gather", [self.op("Shape", [g]), index], axis=0)
+            broadcast = self.op("And", [self.op("Equal", [t_dim, one]), self.op("Not", [self.op("Equal", [g_dim, one])])])
+            picked = self.op("Where", [broadcast, self.op("Expand", [summed, self.op("Shape", [g])]), g])
+            g = self.op("Slice", [picked, self.ints([0]), t_dim, index])
+        return g

@@ -1,10 +1,11 @@
 """Resize: nearest and (bi/tri)linear resizing is separable and linear, so with static shapes its gradient
 is, per resized axis, a product with the transposed constant interpolation matrix (out x in).
 
-Supported: mode nearest (every nearest_mode) and linear; coordinate_transformation_mode half_pixel,
-pytorch_half_pixel, align_corners, asymmetric, half_pixel_symmetric; scales or sizes given as
-constants. Not supported: cubic, antialias, tf_crop_and_resize, the opset-18 axes /
-keep_aspect_ratio_policy attributes, run-time scales or sizes.
+Supported: mode nearest (every nearest_mode), linear and cubic (cubic_coeff_a, exclude_outside);
+coordinate_transformation_mode half_pixel, pytorch_half_pixel, align_corners, asymmetric,
+half_pixel_symmetric; scales or sizes given as constants. Not supported: antialias,
+tf_crop_and_resize, the opset-18 axes / keep_aspect_ratio_policy attributes, run-time scales or sizes.
+The same matrices serve the ort-training backend's Resize rewrite (gradients/canonical/resize.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from . import rule
 from .base import Emitter, Unsupported, node_attrs
 
+MODES = ("nearest", "linear", "cubic")
 TRANSFORMS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric")
 
 
@@ -46,6 +48,9 @@ def interpolation_matrix(size_in: int, size_out: int, scale: float, attrs: dict)
                 "floor": np.floor, "ceil": np.ceil}[rounding]
         m[rows, np.clip(pick(x), 0, size_in - 1).astype(int)] = 1
         return m
+    if attrs.get("mode") == "cubic":
+        return _cubic_matrix(x.astype(np.float64), size_in, float(attrs.get("cubic_coeff_a", -0.75)),
+                             bool(attrs.get("exclude_outside", 0)))
     x = np.clip(x, 0, size_in - 1).astype(np.float64)
     low = np.floor(x).astype(int)
     high = np.minimum(low + 1, size_in - 1)
@@ -55,10 +60,33 @@ def interpolation_matrix(size_in: int, size_out: int, scale: float, attrs: dict)
     return m
 
 
+def _cubic_weight(distance: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with coefficient ``a`` (ONNX's cubic_coeff_a)."""
+    d = np.abs(distance)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+def _cubic_matrix(x: np.ndarray, size_in: int, a: float, exclude_outside: bool) -> np.ndarray:
+    """Four taps per output around floor(x); taps past the edge read the edge pixel, or are dropped and
+    the rest renormalised with exclude_outside (as ONNX defines cubic resizing)."""
+    m = np.zeros((len(x), size_in))
+    base = np.floor(x).astype(int)
+    for row, (xo, b) in enumerate(zip(x, base)):
+        taps = np.arange(b - 1, b + 3)
+        weights = _cubic_weight(xo - taps, a)
+        if exclude_outside:
+            weights = np.where((taps >= 0) & (taps < size_in), weights, 0.0)
+            weights = weights / weights.sum()
+        np.add.at(m[row], np.clip(taps, 0, size_in - 1), weights)
+    return m
+
+
 @rule("Resize")
 def resize(e: Emitter, node, gy, need):
     a = node_attrs(node)
-    if a.get("mode", "nearest") not in ("nearest", "linear"):
+    if a.get("mode", "nearest") not in MODES:
         raise Unsupported(f"mode={a.get('mode')!r}")
     if a.get("coordinate_transformation_mode", "half_pixel") not in TRANSFORMS:
         raise Unsupported(f"coordinate_transformation_mode={a['coordinate_transformation_mode']!r}")

@@ -1,0 +1,216 @@
+"""Mutation check: does the suite catch small deliberate bugs? Not part of CI.
+
+Each mutation replaces one exact piece of onnxcam's source (it must occur exactly once) in a fresh copy
+of the repository (a temp folder: tracked and untracked-but-not-ignored files, the built EfficientNet
+models linked in, an empty test cache), runs the test files that guard that code in each named
+environment, and counts the mutation caught when some test fails. A baseline run on the unmutated copy
+must pass first. Prints a Markdown table.
+
+    python tools/mutate.py                       # every mutation, both environments where listed
+    python tools/mutate.py --only std-multiplied,bgr-ignored
+    python tools/mutate.py --venv /work/main/.venv --training-venv /work/main/.venv-training
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    area: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    training: bool = False           # also run in the onnxruntime-training environment
+
+
+M = Mutation
+PRE = ("tests/test_preprocess_render.py",)
+CLI = ("tests/test_cli.py",)
+MUTATIONS = [
+    # preprocessing
+    M("std-multiplied", "preprocessing", "onnxcam/preprocess.py",
+      "/ np.asarray(self.std, np.float32)", "* np.asarray(self.std, np.float32)", PRE),
+    M("mean-ignored", "preprocessing", "onnxcam/preprocess.py",
+      "x = (x - np.asarray(self.mean, np.float32))", "x = (x - 0 * np.asarray(self.mean, np.float32))", PRE),
+    M("bgr-flag-ignored", "preprocessing", "onnxcam/cli.py",
+      'fields["color"] = "BGR"', 'fields["color"] = base.color', PRE),
+    M("bgr-apply-ignored", "preprocessing", "onnxcam/preprocess.py",
+      'image = rgb if self.color == "RGB" else rgb[..., ::-1]', "image = rgb", PRE),
+    M("size-swapped", "preprocessing", "onnxcam/preprocess.py",
+      "(self.size[1], self.size[0]), interpolation", "(self.size[0], self.size[1]), interpolation", PRE),
+    M("nchw-transposed-wrong", "preprocessing", "onnxcam/preprocess.py",
+      "np.transpose(x, (2, 0, 1))", "np.transpose(x, (2, 1, 0))", PRE),
+    M("metadata-std-ignored", "preprocessing", "onnxcam/preprocess.py",
+      'for key in ("mean", "std"):', 'for key in ("mean",):', PRE),
+    M("read-image-bgr", "preprocessing", "onnxcam/preprocess.py",
+      "return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)", "return image", PRE),
+    M("sixteen-bit-truncated", "preprocessing", "onnxcam/preprocess.py",
+      "np.rint(image / 257.0)", "(image >> 8)", PRE),
+    # rendering
+    M("overlay-one-minus-map", "rendering", "onnxcam/render.py",
+      "heat = jet_heatmap(cam)", "heat = jet_heatmap(1.0 - cam)", PRE),
+    M("overlay-alpha-swapped", "rendering", "onnxcam/render.py",
+      "(1.0 - alpha) * rgb.astype(np.float32) + alpha * heat",
+      "alpha * rgb.astype(np.float32) + (1.0 - alpha) * heat", PRE),
+    M("overlay-resize-swapped", "rendering", "onnxcam/render.py",
+      "(width, height), interpolation=cv2.INTER_LINEAR)", "(height, width), interpolation=cv2.INTER_LINEAR)",
+      PRE + CLI),
+    M("jet-left-bgr", "rendering", "onnxcam/render.py",
+      "return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)",
+      "return cv2.applyColorMap(scaled, cv2.COLORMAP_JET)", PRE),
+    M("render-1d-band-reversed", "rendering", "onnxcam/render.py",
+      "canvas[-24:] = np.repeat(band, 24, axis=0)", "canvas[-24:] = np.repeat(band[:, ::-1], 24, axis=0)", PRE),
+    # outputs
+    M("outputs-written-in-place", "outputs", "onnxcam/outputs.py",
+      '        with os.fdopen(fd, "wb") as handle:\n            handle.write(data)\n        os.replace(tmp, path)',
+      '        os.close(fd)\n        os.unlink(tmp)\n        with open(path, "wb") as handle:\n'
+      '            handle.write(data)', ("tests/test_atomic_writes.py",) + CLI),
+    M("outputs-tmp-not-removed", "outputs", "onnxcam/outputs.py",
+      "        if os.path.exists(tmp):\n            os.unlink(tmp)", "        pass",
+      ("tests/test_atomic_writes.py",)),
+    M("inputs-not-protected", "outputs", "onnxcam/outputs.py",
+      "if path.resolve() in protected:", "if False:", CLI),
+    # cache
+    M("cache-written-in-place", "cache", "onnxcam/cache.py",
+      '        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)\n'
+      '        with os.fdopen(fd, "wb") as handle:',
+      '        with open(path, "wb") as handle:', ("tests/test_atomic_writes.py", "tests/test_cache.py")),
+    M("cache-key-ignores-request", "cache", "onnxcam/cache.py",
+      "request = dict(parts, onnxcam_version=_version())", "request = dict(onnxcam_version=_version())",
+      ("tests/test_cache.py",)),
+    M("cache-checksum-unchecked", "cache", "onnxcam/cache.py",
+      "if hashlib.sha256(payload).digest() != data[len(_MAGIC):header]:", "if False:", ("tests/test_cache.py",)),
+    # errors
+    M("external-data-check-removed", "errors", "onnxcam/model.py",
+      "if location is None or not (base / location).exists():", "if location is None:", CLI),
+    M("external-data-message-lost", "errors", "onnxcam/model.py",
+      "which is missing; copy it next to the model", "which is missing", CLI),
+    M("unreadable-model-message-lost", "errors", "onnxcam/model.py",
+      '"pass a .onnx file exported from your framework"', '""', CLI),
+    M("close-matches-lost", "errors", "onnxcam/nodes.py",
+      "hint = f\"; closest: {', '.join(closest)}\" if closest else \"\"", 'hint = ""', CLI),
+    M("close-matches-last-component-only", "errors", "onnxcam/nodes.py",
+      "closest = difflib.get_close_matches(spec, sorted(names), n=5, cutoff=0.5)", "closest = []", CLI),
+    M("target-range-unchecked", "errors", "onnxcam/explainer.py",
+      "bad = array[(array < 0) | (array >= num_classes)]", "bad = array[array < 0]", CLI),
+    # targets
+    M("scorecam-sample0-mask", "targets", "onnxcam/scorecam.py",
+      "self._forward_logits(planes[i, targets[i]])", "self._forward_logits(planes[0, targets[0]])",
+      ("tests/test_segmentation_targets.py",)),
+    M("gradient-sample0-mask", "targets", "onnxcam/explainer.py",
+      "part_mask = mask[lo:lo + step] if per_sample_mask else mask",
+      "part_mask = np.repeat(mask[:1], len(x[lo:lo + step]), 0) if per_sample_mask else mask",
+      ("tests/test_segmentation_targets.py",)),
+    # methods
+    M("layercam-no-relu-on-gradient", "methods", "onnxcam/methods/gradient_based.py",
+      "return relu((relu(G) * A).sum(axis=1)).astype(np.float32)", "return relu((G * A).sum(axis=1)).astype(np.float32)",
+      ("tests/test_methods.py", "tests/test_torch_reference.py")),
+    M("normalize-no-min", "methods", "onnxcam/methods/postprocess.py",
+      "    flat -= flat.min(axis=1, keepdims=True)\n", "", ("tests/test_methods.py", "tests/test_torch_reference.py")),
+    M("scorecam-graph-no-min-subtraction", "methods", "onnxcam/scorecam.py",
+      'masks = b.op("Div", [b.op("Sub", [up, low]), value_range])', 'masks = b.op("Div", [up, value_range])',
+      ("tests/test_scorecam_graph.py",)),
+    M("scorecam-softmax-unshifted-sum", "methods", "onnxcam/methods/scorecam.py",
+      "return shifted / shifted.sum()", "return scores / scores.sum()",
+      ("tests/test_scorecam.py", "tests/test_scorecam_graph.py")),
+    # gradient rules
+    M("relu-gate-inverted", "gradient rules", "onnxcam/gradients/rules/elementwise.py",
+      'return [e.op("Mul", [gy[0], _mask(e, e.op("Greater", [y, e.scalar(0.0, y)]), y)])]',
+      'return [e.op("Mul", [gy[0], _mask(e, e.op("Less", [y, e.scalar(0.0, y)]), y)])]',
+      ("tests/test_portable_rules.py",)),
+    M("clip-upper-bound-ignored", "gradient rules", "onnxcam/gradients/rules/elementwise.py",
+      'for bound, op_type in ((low, "Greater"), (high, "Less")):', 'for bound, op_type in ((low, "Greater"),):',
+      ("tests/test_portable_rules.py",)),
+    M("gemm-transB-ignored", "gradient rules", "onnxcam/gradients/rules/linear.py",
+      "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1 - tb)",
+      "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1)", ("tests/test_portable_rules.py",)),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    models = ROOT / ".cache" / "models"
+    if models.is_dir():
+        (dest / ".cache").mkdir(exist_ok=True)
+        os.symlink(models, dest / ".cache" / "models")      # built models are inputs, not under test
+
+
+def run_tests(copy: Path, python: str, tests: tuple[str, ...]) -> tuple[int, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    env.pop("ONNXCAM_CACHE_DIR", None)
+    start = time.time()
+    done = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=copy,
+                          env=env, capture_output=True, text=True)
+    tail = (done.stdout.strip().splitlines() or [""])[-1]
+    return done.returncode, time.time() - start, tail
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", default=str(ROOT / ".venv"))
+    parser.add_argument("--training-venv", default=str(ROOT / ".venv-training"))
+    parser.add_argument("--only", help="comma-separated mutation names")
+    args = parser.parse_args()
+    chosen = MUTATIONS if not args.only else [m for m in MUTATIONS if m.name in args.only.split(",")]
+    pythons = {"onnxruntime": str(Path(args.venv) / "bin" / "python")}
+    if Path(args.training_venv, "bin", "python").exists():
+        pythons["ort-training"] = str(Path(args.training_venv) / "bin" / "python")
+
+    with tempfile.TemporaryDirectory(prefix="onnxcam-mutate-") as tmp:
+        base = Path(tmp) / "baseline"
+        copy_repo(base)
+        tests = tuple(sorted({t for m in chosen for t in m.tests}))
+        rc, seconds, tail = run_tests(base, pythons["onnxruntime"], tests)
+        print(f"baseline ({len(tests)} test files): rc={rc} {tail} [{seconds:.0f} s]", file=sys.stderr)
+        if rc != 0:
+            print("the unmutated copy fails; fix the suite first", file=sys.stderr)
+            return 1
+        shutil.rmtree(base)
+        rows, caught = [], 0
+        for i, m in enumerate(chosen):
+            copy = Path(tmp) / f"m{i}"
+            copy_repo(copy)
+            target = copy / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                raise SystemExit(f"mutation {m.name}: the original text occurs {text.count(m.old)} times in {m.path}")
+            target.write_text(text.replace(m.old, m.new))
+            envs = ["onnxruntime"] + (["ort-training"] if m.training and "ort-training" in pythons else [])
+            results = []
+            for env_name in envs:
+                rc, seconds, tail = run_tests(copy, pythons[env_name], m.tests)
+                results.append((env_name, rc, seconds, tail))
+            hit = any(rc not in (0, 5) for _, rc, _, _ in results)
+            caught += hit
+            detail = "; ".join(f"{e}: {t} ({s:.0f} s)" for e, _, s, t in results)
+            rows.append(f"| {m.name} | {m.area} | {m.path} | {'caught' if hit else 'SURVIVED'} | {detail} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+            shutil.rmtree(copy)
+    print("| mutation | area | file | result | tests |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    print(f"\n{caught}/{len(chosen)} caught ({100 * caught / len(chosen):.0f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
