@@ -24,7 +24,7 @@ from .runtime import Runner
 from .scorecam import ScoreCam
 from .targets import ScoredOutput, checked_targets, locate_axes, target_weights
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
-                      find_logits)
+                      find_logits, specialise_shapes)
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Explainer:
         self.model: LoadedModel = load_model(model, input)
         self.feeds = InputFeeds(self.model, feeds)
         self.class_axis = class_axis
+        self.output = output
         self._output: ScoredOutput | None = None
         self.provider = provider
         self.grad_backend = grad_backend
@@ -62,17 +63,22 @@ class Explainer:
         self.cache = cache
         self.logits_name = find_logits(self.model.view, probabilities, output)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
+        self._probe_shape = self._explained_probe_shape(input_shape)
         self.candidates = list_candidates(self.model, self._probe_shapes(input_shape))
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
-        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates) for spec in specs]
-        self._gradient_model: tuple[AugmentedModel, Runner] | None = None
+        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates, self.logits_name)
+                                      for spec in specs]
+        self._gradient_models: dict[tuple | None, AugmentedModel] = {}   # None: for every input shape
+        self._gradient_runners: dict[tuple | None, Runner] = {}
+        self._generic_failure: OnnxcamError | None = None
+        self._last_gradient_model: AugmentedModel | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
-        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
-                                 threads, probabilities, self.feeds.for_batch)
+        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x, sample: self.forward(x, sample)[0],
+                                 provider, threads, probabilities, self.feeds.for_batch, output)
         # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
         self._needs = {
             GRADIENTS: (self.gradient_session, lambda batch, i: batch.gradients[i]),
@@ -108,37 +114,70 @@ class Explainer:
     def tensors(self) -> list[str]:
         return [n.tensor for n in self.nodes]
 
-    def augmented_gradient_model(self) -> AugmentedModel:
+    def augmented_gradient_model(self, x: np.ndarray | None = None) -> AugmentedModel:
         """The one model with logits, activations and their gradients (built without a session).
 
         Built once per (model bytes, nodes, backend, ...) and kept in the on-disk cache, so a second
-        run on the same model skips surgery and gradient building."""
-        if self._gradient_model is not None:
-            return self._gradient_model[0]
+        run on the same model skips surgery and gradient building. When the backward graph needs
+        shapes the model only computes at run time (tf2onnx and paddle2onnx exports), the model is
+        specialised to the shape of the batch ``x`` (or of the probe input) and built for that shape."""
+        return self._gradient_build(x)[1]
 
+    def _gradient_build(self, x: np.ndarray | None) -> tuple[tuple | None, AugmentedModel]:
+        if self._generic_failure is None:
+            if None not in self._gradient_models:
+                try:
+                    self._gradient_models[None] = self._built_gradient_model(None)
+                except OnnxcamError as exc:
+                    if self.grad_backend == "ort-training":
+                        raise
+                    self._generic_failure = exc
+            if self._generic_failure is None:
+                return None, self._gradient_models[None]
+        feeds = self._specialisation_feeds(x)
+        if feeds is None:
+            raise self._generic_failure
+        key = tuple(sorted((name, tuple(value.shape)) for name, value in feeds.items()))
+        if key not in self._gradient_models:
+            self._gradient_models[key] = self._built_gradient_model(feeds)
+        return key, self._gradient_models[key]
+
+    def _specialisation_feeds(self, x: np.ndarray | None) -> dict | None:
+        if x is None:
+            if self._probe_shape is None or None in self._probe_shape:
+                return None
+            x = np.zeros(self._probe_shape, np.float32)
+        return {self.model.input.name: x, **self.feeds.for_batch(len(x))}
+
+    def _built_gradient_model(self, feeds: dict | None) -> AugmentedModel:
         def build() -> onnx.ModelProto:
-            return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
-                                                  self.probabilities).proto
+            model = self.model if feeds is None else specialise_shapes(self.model, feeds)
+            return build_gradient_augmented_model(model, self.tensors, self.grad_backend,
+                                                  self.probabilities, self.output).proto
 
         if not self.cache:
             proto = build()
         else:
             parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
-                     "probabilities": self.probabilities, "training_runtime": ort_training_available()}
+                     "probabilities": self.probabilities, "output": self.output,
+                     "training_runtime": ort_training_available(),
+                     "specialised_to": None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}}
             proto = cached_model(parts, self.model.proto, build)
         return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
                                                   self.tensors)
 
-    def gradient_session(self) -> tuple[AugmentedModel, Runner]:
-        if self._gradient_model is None:
-            augmented = self.augmented_gradient_model()
-            self._gradient_model = (augmented, Runner(augmented.proto, augmented.output_names,
-                                                      self.provider, self.threads))
-        return self._gradient_model
+    def gradient_session(self, x: np.ndarray | None = None) -> tuple[AugmentedModel, Runner]:
+        """The gradient model and its session (for the batch ``x`` when it had to be specialised)."""
+        key, augmented = self._gradient_build(x)
+        if key not in self._gradient_runners:
+            self._gradient_runners[key] = Runner(augmented.proto, augmented.output_names, self.provider,
+                                                 self.threads)
+        self._last_gradient_model = augmented
+        return augmented, self._gradient_runners[key]
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
-            augmented = build_forward_model(self.model, self.tensors, self.probabilities)
+            augmented = build_forward_model(self.model, self.tensors, self.probabilities, self.output)
             self._forward_model = (augmented, Runner(augmented.proto, augmented.output_names,
                                                      self.provider, self.threads))
         return self._forward_model
@@ -151,7 +190,7 @@ class Explainer:
 
     @property
     def gradient_backend_used(self) -> str | None:
-        return self._gradient_model[0].backend if self._gradient_model else None
+        return self._last_gradient_model.backend if self._last_gradient_model else None
 
     def num_classes(self, x: np.ndarray) -> int:
         """K: the class axis of the scored output."""
@@ -184,8 +223,22 @@ class Explainer:
 
     def check_method(self, method: str) -> None:
         """Raise OnnxcamError when ``method`` cannot run on this model and node."""
-        for need in get_method(method).needs:
+        spec = get_method(method)
+        if spec.needs:
+            self._check_nodes_feed_the_output(spec.name)
+        for need in spec.needs:
             self._needs[need][0]()
+
+    def _check_nodes_feed_the_output(self, method: str) -> None:
+        """A node the scored output does not depend on has a zero gradient and no effect on the score:
+        say so instead of drawing an empty map."""
+        upstream = self.model.view.ancestors(self.logits_name)
+        for node in self.nodes:
+            if node.tensor not in upstream:
+                raise OnnxcamError(f"node {node.name or node.tensor} does not feed the scored output "
+                                   f"{self.logits_name!r}, so {method} has nothing to measure there; pick a "
+                                   "node that does (`onnxcam nodes MODEL` marks the others with x), or use "
+                                   "--method eigencam")
 
     def _check_classifier_heads(self) -> None:
         for node in self.nodes:
@@ -218,13 +271,14 @@ class Explainer:
             raise OnnxcamError("the input batch is empty")
         return x
 
-    def forward(self, x: np.ndarray) -> list[np.ndarray]:
+    def forward(self, x: np.ndarray, sample: int | None = None) -> list[np.ndarray]:
         """The scored output in canonical (N, K, *positions) order, then the activations of the chosen
-        nodes; no gradients. A model with a fixed batch runs in pieces of it."""
+        nodes; no gradients. A model with a fixed batch runs in pieces of it. ``sample``: every row of
+        ``x`` stands for that input (the other inputs take its row)."""
         out = self.scored_output(x)
         augmented, runner = self.forward_session()
-        outputs = run_in_pieces(runner.run, self._batched(augmented, x), [out.batch_axis] + [0] * len(self.nodes),
-                                self.feeds.fixed_batch)
+        outputs = run_in_pieces(runner.run, self._batched(augmented, x, sample),
+                                [out.batch_axis] + [0] * len(self.nodes), self.feeds.fixed_batch)
         return [out.canonical(outputs[0]), *outputs[1:]]
 
     def _run_forward(self, x: np.ndarray) -> list[np.ndarray]:
@@ -232,10 +286,10 @@ class Explainer:
         augmented, runner = self.forward_session()
         return runner.run({name: array for name, (array, _) in self._batched(augmented, x).items()})
 
-    def _batched(self, augmented: AugmentedModel, x: np.ndarray, **extra) -> dict:
+    def _batched(self, augmented: AugmentedModel, x: np.ndarray, sample: int | None = None, **extra) -> dict:
         """Feeds for a run over batch ``x``: name -> (array, its batch axis)."""
         feeds = {augmented.input_name: (x, 0)}
-        feeds.update({name: (array, 0) for name, array in self.feeds.for_batch(len(x)).items()})
+        feeds.update({name: (array, 0) for name, array in self.feeds.for_batch(len(x), sample).items()})
         feeds.update(extra)
         return feeds
 
@@ -251,6 +305,8 @@ class Explainer:
         """
         start = time.perf_counter()
         spec = get_method(method)
+        if spec.needs:
+            self._check_nodes_feed_the_output(spec.name)
         x = self.check_input(x)
         n = x.shape[0]
         wanted = checked_targets(targets, n, self.num_classes(x)) if targets is not None else None
@@ -277,7 +333,7 @@ class Explainer:
         n = x.shape[0]
         out = self.scored_output(x)
         if GRADIENTS in spec.needs:
-            augmented, runner = self.gradient_session()
+            augmented, runner = self.gradient_session(x)
             head_weights = out.own(self.target_weights(self._logits_shape(x), targets, mask))
             outputs = run_in_pieces(runner.run, self._batched(augmented, x, **{TARGET_WEIGHTS: (
                 head_weights, out.batch_axis)}), [out.batch_axis] + [0] * (2 * len(self.nodes)),

@@ -46,11 +46,14 @@ class InputFeeds:
         batch = model.input.shape[0] if model.input.shape else None
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
-    def for_batch(self, n: int) -> dict[str, np.ndarray]:
-        """Each other input for n samples: its single row repeated, or its n rows."""
+    def for_batch(self, n: int, sample: int | None = None) -> dict[str, np.ndarray]:
+        """Each other input for n samples: its single row repeated, or its n rows; with ``sample``, n
+        copies of that sample's row (Score-CAM's masked copies of one input)."""
         out = {}
         for name, array in self.arrays.items():
-            if array.shape[0] == n:
+            if sample is not None:
+                out[name] = np.repeat(array[sample if array.shape[0] > 1 else 0][None], n, axis=0)
+            elif array.shape[0] == n:
                 out[name] = array
             elif array.shape[0] == 1:
                 out[name] = np.repeat(array, n, axis=0)

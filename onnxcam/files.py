@@ -185,7 +185,8 @@ class FileExplainer:
                  save_npy: bool = False, batch_size: int = 16, overwrite: bool = False,
                  max_channels: int | None = None, progress=None, target_mask=None,
                  class_names: list[str] | None = None, batch_progress=None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, fail_fast: bool = False, on_failure=None):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, fail_fast: bool = False, on_failure=None,
+                 write_files: bool = True):
         if top_k is not None and target is not None:
             raise OnnxcamError("--target and --top-k exclude each other; pass one of them")
         self.explainer = explainer
@@ -209,6 +210,7 @@ class FileExplainer:
         self.skipped = 0
         self._keys: dict[Path, Path] = {}
         self.class_names = class_names if class_names is not None else explainer.model.class_names
+        self.write_files = write_files            # False: results carry their maps, nothing is written
 
     def class_name(self, index: int) -> str | None:
         if self.class_names and 0 <= index < len(self.class_names):
@@ -240,14 +242,10 @@ class FileExplainer:
         the output folders by killed runs are removed first. The next batch's files are decoded and
         preprocessed on a worker thread while the current batch runs (OpenCV and ONNX Runtime both
         release the GIL)."""
-        started = time.time()
-        self._keys = output_keys(paths)
         self.failures = []
         self.fail_fast = self.fail_fast or len(paths) == 1
-        for folder in {self.out_dir / key.parent for key in self._keys.values()}:
-            remove_stale_temps(folder, started)
         protected = {p.resolve() for p in paths}
-        todo = [p for p in paths if self.overwrite or not all(o.exists() for o in self.expected_outputs(p))]
+        todo = self.prepare(paths)
         self.skipped = len(paths) - len(todo)
         batches = [todo[lo:lo + self.batch_size] for lo in range(0, len(todo), self.batch_size)]
         with ThreadPoolExecutor(max_workers=1) as reader:
@@ -262,6 +260,29 @@ class FileExplainer:
                     yield from self._explain_batch(items, x, protected)
                 if self.batch_progress is not None:
                     self.batch_progress(min((index + 1) * self.batch_size, len(todo)), len(todo))
+
+    def name_outputs(self, paths: list[Path]) -> None:
+        """Fix the output names of this run's inputs (naming.output_keys: unique among ``paths``)."""
+        self._keys = output_keys(paths)
+
+    def prepare(self, paths: list[Path]) -> list[Path]:
+        """Name the outputs, remove the temporaries killed runs left in their folders, and return the
+        inputs still to explain: all with ``overwrite``, else those missing an output (resume)."""
+        started = time.time()
+        self.name_outputs(paths)
+        for folder in {self.out_dir / key.parent for key in self._keys.values()}:
+            remove_stale_temps(folder, started)
+        return [p for p in paths if self.overwrite or not all(o.exists() for o in self.expected_outputs(p))]
+
+    def explain_items(self, items: list[InputItem], protected: set[Path] = frozenset()):
+        """Explain one batch of loaded inputs (named by ``name_outputs``) and write its outputs; yields
+        one FileResult per map. The single-process run and the Ray workers (onnxcam.distributed) both
+        write through here."""
+        shapes = {item.x.shape for item in items}
+        if len(shapes) > 1:
+            raise OnnxcamError(f"inputs of different shapes in one batch {sorted(shapes)}; "
+                               "set --size so every image is resized alike")
+        yield from self._explain_batch(items, np.stack([item.x for item in items]), protected)
 
     def _failed(self, path: Path, message: str) -> None:
         if self.fail_fast:
@@ -307,6 +328,9 @@ class FileExplainer:
                 yield from self._write(item, i, explanations, rank, rank_tag, protected)
 
     def _write(self, item, i, explanations, rank, rank_tag, protected):
+        if not self.write_files:
+            yield from self._results(item, i, explanations, rank)
+            return
         results = []
         multi = len(explanations) > 1
         if multi and item.rgb is not None:  # grids: panels of a downscaled photo (bounded memory)
@@ -329,14 +353,23 @@ class FileExplainer:
                 del picture
             else:
                 panels.append(render.label_panel(picture, method))
-            target = int(explanation.targets[i])
-            results.append(FileResult(item.path, method, rank, target, self.class_name(target),
-                                      float(explanation.scores[i]), explanation.nodes,
-                                      explanation.seconds / len(explanation.maps), written, cam,
-                                      map_notice(method, cam, target, explanation.nodes)))
+            results.append(self._result(item, i, method, explanation, rank, written))
         if panels:
             grid_path = outputs.write_png(self.output_path(item.path, "all", rank_tag, ".png"),
                                           render.grid(panels, columns=min(5, len(panels))), protected)
             for result in results:
                 result.written.insert(0, grid_path)
         yield from results
+
+    def _result(self, item, i, method, explanation, rank, written) -> FileResult:
+        cam = explanation.maps[i]
+        target = int(explanation.targets[i])
+        return FileResult(item.path, method, rank, target, self.class_name(target),
+                          float(explanation.scores[i]), explanation.nodes,
+                          explanation.seconds / len(explanation.maps), written, cam,
+                          map_notice(method, cam, target, explanation.nodes))
+
+    def _results(self, item, i, explanations, rank):
+        """Results without files (``write_files=False``: the maps go elsewhere, e.g. Parquet)."""
+        for method, explanation in explanations.items():
+            yield self._result(item, i, method, explanation, rank, [])

@@ -16,23 +16,36 @@ def jet_heatmap(cam: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
-def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend ``(1 - alpha) * image + alpha * heatmap`` at the original image size (uint8 RGB).
+STRIP_ROWS = 256   # rows of the photo coloured and blended at a time
 
-    All full-size work is uint8 and in place: the map is quantised to 0-255 at its own resolution,
-    then resized, coloured and blended into one buffer, so an overlay costs about 1.3x the image's
-    bytes on top of the image (a float32 blend would cost ~12x)."""
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend ``(1 - alpha) * image + alpha * JET(map)`` at the original image size (uint8 RGB).
+
+    The map is resized bilinearly in float32 (half-pixel centres, OpenCV's INTER_LINEAR) and coloured
+    as pytorch-grad-cam does (``applyColorMap(uint8(255 * map))``), but a strip of rows at a time:
+    the only full-size buffer is the result, so an overlay costs about one image's bytes beyond the
+    image (a whole-image float32 blend would cost ~12x)."""
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
     height, width = rgb.shape[:2]
-    scaled = np.uint8(np.rint(np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0) * 255))
-    if scaled.shape != (height, width):
-        scaled = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
-    del scaled
-    cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
-    cv2.addWeighted(np.ascontiguousarray(rgb, np.uint8), 1.0 - alpha, heat, alpha, 0.0, dst=heat)
-    return heat
+    photo = np.ascontiguousarray(rgb, np.uint8)
+    cam = np.clip(np.nan_to_num(np.asarray(cam, np.float32), nan=0.0), 0.0, 1.0)
+    # separable bilinear resize: the width now (map rows x photo width is small), the height per strip
+    wide = cam if cam.shape[1] == width else cv2.resize(cam, (width, cam.shape[0]), interpolation=cv2.INTER_LINEAR)
+    rows = cam.shape[0]
+    position = np.clip((np.arange(height, dtype=np.float64) + 0.5) * rows / height - 0.5, 0, rows - 1)
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, rows - 1)
+    frac = (position - low).astype(np.float32)[:, None]
+    out = np.empty_like(photo)
+    for top in range(0, height, STRIP_ROWS):
+        part = slice(top, min(top + STRIP_ROWS, height))
+        strip = wide[low[part]] if rows == height else wide[low[part]] * (1 - frac[part]) + wide[high[part]] * frac[part]
+        heat = cv2.applyColorMap(np.uint8(255 * np.clip(strip, 0.0, 1.0)), cv2.COLORMAP_JET)
+        cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
+        cv2.addWeighted(photo[part], 1.0 - alpha, heat, alpha, 0.0, dst=out[part])
+    return out
 
 
 GRID_MAX_SIDE = 1024

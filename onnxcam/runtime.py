@@ -110,10 +110,11 @@ class Runner:
 
 
 def probe_shapes(model: onnx.ModelProto, tensors: list[str],
-                 probe_input_shapes: dict[str, tuple] | None) -> dict[str, tuple]:
-    """Run the model once on zeros with ``tensors`` exposed as outputs and read their real shapes."""
+                 probe_input_shapes: dict[str, tuple] | None, feeds: dict | None = None) -> dict[str, tuple]:
+    """Run the model once with ``tensors`` exposed as outputs and read their real (element type, shape):
+    on ``feeds`` when given, else on zeros of ``probe_input_shapes``."""
     ort = import_onnxruntime()
-    feeds = _zero_feeds(model, probe_input_shapes or {})
+    feeds = feeds if feeds is not None else _zero_feeds(model, probe_input_shapes or {})
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {output.name for output in probe.graph.output}

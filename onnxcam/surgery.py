@@ -8,7 +8,7 @@ pass. ArgMax/OneHot carry no gradient, so d score / d A is exactly d z[n, c_n] /
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -18,6 +18,7 @@ from .errors import OnnxcamError, shape_text
 from .gradients import build_gradient_model, gradient_name
 from .graph import GraphBuilder, GraphView, copy_model, view_of
 from .model import LoadedModel
+from .runtime import probe_shapes
 
 TARGET_WEIGHTS = "onnxcam_target_weights"
 SCORE = "onnxcam_score"
@@ -136,22 +137,56 @@ def _check_tensors_exist(view: GraphView, tensors: list[str]) -> None:
                            "list valid nodes with `onnxcam nodes MODEL`")
 
 
-def build_forward_model(model: LoadedModel, activations: list[str],
-                        probabilities: bool = False) -> AugmentedModel:
+def specialise_shapes(model: LoadedModel, feeds: dict[str, np.ndarray]) -> LoadedModel:
+    """The model with every input fixed to the shape of its feed and every tensor's type and shape
+    written into the graph, measured by one run on ``feeds``.
+
+    Exporters such as tf2onnx and paddle2onnx compute shapes at run time (Shape -> Gather -> Concat ->
+    Reshape) and leave shape inference blind; a gradient builder needs ranks and sizes. With the
+    shapes of this batch written in, every Shape-derived subgraph folds to a constant (graph.py) and
+    the backward graph is built for exactly this input shape."""
+    proto = copy_model(model.proto)
+    graph = proto.graph
+    for vi in graph.input:
+        if vi.name in feeds:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for size in feeds[vi.name].shape:
+                dims.add().dim_value = int(size)
+    tensors = [o for node in graph.node for o in node.output if o]
+    measured = probe_shapes(proto, tensors, None, feeds)
+    outputs = {vi.name for vi in graph.output}
+    del graph.value_info[:]
+    for name, (elem_type, shape) in measured.items():
+        if elem_type and name not in outputs:
+            graph.value_info.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+    for vi in graph.output:
+        if vi.name in measured:
+            elem_type, shape = measured[vi.name]
+            vi.type.tensor_type.elem_type = vi.type.tensor_type.elem_type or elem_type or TensorProto.FLOAT
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shape:
+                dims.add().dim_value = int(size)
+    return replace(model, proto=proto)
+
+
+def build_forward_model(model: LoadedModel, activations: list[str], probabilities: bool = False,
+                        output: str | None = None) -> AugmentedModel:
     """Forward-only model exposing the logits and the chosen activations (CAM, EigenCAM, Score-CAM)."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(model.view, probabilities)
+    logits = find_logits(model.view, probabilities, output)
     set_outputs(proto, [logits, *activations], model.view)
     return AugmentedModel(proto, model.input.name, logits, list(activations), [], None)
 
 
 def build_gradient_augmented_model(model: LoadedModel, activations: list[str], backend: str = "auto",
-                                   probabilities: bool = False) -> AugmentedModel:
+                                   probabilities: bool = False, output: str | None = None) -> AugmentedModel:
     """The one augmented model: logits, activations and d score / d activations in one run."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(model.view, probabilities)
+    logits = find_logits(model.view, probabilities, output)
     score = add_target_head(proto, logits, model.view)
     set_outputs(proto, [logits, *activations], model.view)
     proto, used = build_gradient_model(proto, score, list(activations), backend)

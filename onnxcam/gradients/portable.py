@@ -80,6 +80,8 @@ def _active_tensors(view: GraphView, score: str, wrt: list[str]) -> set[str]:
 
 
 def _node_label(node: onnx.NodeProto) -> str:
+    if (node.name or "").startswith("onnxcam_"):   # onnxcam's own score head: blame what it reads
+        return "the score taken on the model's scored output"
     op = node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
     return f"{op} (node {node.name or node.output[0]})"
 
@@ -144,6 +146,8 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
                 node = out.graph.node[forward_nodes[id(node)]]
             gx = rule(emitter, node, gy, need)
         except Unsupported as e:
+            if (node.name or "").startswith("onnxcam_"):   # never name onnxcam's own tensors to the user
+                e = Unsupported("the shape of the scored output is not known before the model runs")
             if not collect:
                 raise OnnxcamError(f"portable gradient backend: no exact gradient for {_node_label(node)}: "
                                    f"{e}; use --grad-backend ort-training or pick a node closer to the "
