@@ -95,12 +95,18 @@ limit = int(sys.argv[1])
 if limit:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from onnxcam.cli import main
+def peak_mb():
+    # VmHWM belongs to this process's own address space; ru_maxrss would carry the parent's peak over
+    # fork + exec (a pytest process that ran the EfficientNet tests first reported ~6.5 GB here)
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 try:
     main(sys.argv[2:])
 finally:
-    # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(f"peak_rss_mb {int(hwm.split()[1]) / 1024:.1f}", file=sys.stderr)
+    print(f"peak_rss_mb {peak_mb():.1f}", file=sys.stderr)
 """
 
 
