@@ -220,8 +220,21 @@ class Explainer:
         ``target_mask``: for models whose output is a map (N, K, *S), the score is the target class's
         logits summed over this mask (shape S, or (N, *S)); without it, over the whole map.
         """
-        start = time.perf_counter()
         spec = get_method(method)
+        return self.explain_many(x, [spec.name], targets, batch_size, max_channels, progress,
+                                 target_mask)[spec.name]
+
+    def explain_many(self, x, methods, targets=None, batch_size: int | None = None,
+                     max_channels: int | None = None, progress=None,
+                     target_mask=None) -> dict[str, Explanation]:
+        """One Explanation per method (keyed by its registered name, in the order given), from ONE run
+        of the model per batch: every gradient method reads the same activations and gradients, and
+        CAM, EigenCAM and Score-CAM read that run's activations too (Score-CAM then scores its masks).
+        The maps equal those of separate ``explain`` calls (same engine, same inputs)."""
+        start = time.perf_counter()
+        specs = list({spec.name: spec for spec in (get_method(m) for m in methods)}.values())
+        if not specs:
+            raise OnnxcamError("no method given")
         x = self.check_input(x)
         n = x.shape[0]
         wanted = self._targets(targets, n, self.num_classes(x)) if targets is not None else None
@@ -232,12 +245,20 @@ class Explainer:
         for lo in range(0, n, step):
             part_targets = None if wanted is None else wanted[lo:lo + step]
             part_mask = mask[lo:lo + step] if per_sample_mask else mask
-            parts.append(self._explain_batch(x[lo:lo + step], spec, part_targets, part_mask, max_channels,
+            parts.append(self._explain_batch(x[lo:lo + step], specs, part_targets, part_mask, max_channels,
                                              progress, batch_size))
-        maps, logits, chosen, scores = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        layer_maps = [np.concatenate([p[4][i] for p in parts]) for i in range(len(self.nodes))]
-        return Explanation(maps, chosen, scores, logits, spec.name, [node.name for node in self.nodes],
-                           layer_maps, time.perf_counter() - start)
+        shared = sum(p[0] for p in parts)
+        result = {}
+        for spec in specs:
+            per = [p[1][spec.name] for p in parts]
+            maps, logits, chosen, scores = (np.concatenate([p[i] for p in per]) for i in range(4))
+            layer_maps = [np.concatenate([p[4][i] for p in per]) for i in range(len(self.nodes))]
+            seconds = shared + sum(p[5] for p in per)
+            result[spec.name] = Explanation(maps, chosen, scores, logits, spec.name,
+                                            [node.name for node in self.nodes], layer_maps, seconds)
+        if len(specs) == 1:      # one method: its time is the whole call's, input checks included
+            result[specs[0].name].seconds = time.perf_counter() - start
+        return result
 
     def _output_rank(self, x: np.ndarray) -> int:
         return len(self._logits_shape(x))
@@ -268,9 +289,12 @@ class Explainer:
         weights[np.arange(n), targets] = plane
         return weights
 
-    def _explain_batch(self, x, spec: Method, targets, mask, max_channels, progress, batch_size):
+    def _explain_batch(self, x, specs: list[Method], targets, mask, max_channels, progress, batch_size):
+        """One run for the batch, then each method's maps: (run seconds, {name: (maps, logits, chosen,
+        scores, layer maps, seconds)})."""
+        start = time.perf_counter()
         n = x.shape[0]
-        if GRADIENTS in spec.needs:
+        if any(GRADIENTS in spec.needs for spec in specs):
             augmented, runner = self.gradient_session()
             head_weights = self.target_weights(self._logits_shape(x), targets, mask)
             outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: head_weights})
@@ -291,12 +315,19 @@ class Explainer:
                                                                         outputs[1:1 + m])]
         batch = _Batch(x, np.asarray(chosen, np.int64), map_weights, activations, gradients,
                        dict(batch_size=batch_size, max_channels=max_channels, progress=progress))
-        layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
-                                                        for need in spec.needs}))
-                      for i, a in enumerate(activations)]
+        scores = scores.astype(np.float32)
         size = self.input_spatial(x)
-        maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
-        return (maps.astype(np.float32), logits, batch.chosen, scores.astype(np.float32), layer_maps)
+        shared = time.perf_counter() - start
+        results = {}
+        for spec in specs:
+            begin = time.perf_counter()
+            layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
+                                                            for need in spec.needs}))
+                          for i, a in enumerate(activations)]
+            maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
+            results[spec.name] = (maps.astype(np.float32), logits, batch.chosen, scores, layer_maps,
+                                  time.perf_counter() - begin)
+        return shared, results
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like

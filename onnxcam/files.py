@@ -171,11 +171,10 @@ class FileExplainer:
     def _explain_batch(self, items: list[InputItem], x: np.ndarray, protected: set[Path]):
         for rank, targets in enumerate(self._targets_per_rank(x), start=1):
             rank_tag = rank if self.top_k else None
-            explanations: dict[str, Explanation] = {}
-            for method in self.methods:
-                explanations[method] = self.explainer.explain(
-                    x, method=method, targets=targets, batch_size=self.batch_size,
-                    max_channels=self.max_channels, progress=self.progress, target_mask=self.target_mask)
+            # every method from one run of the model (explain_many): --method all costs one pass
+            explanations: dict[str, Explanation] = self.explainer.explain_many(
+                x, self.methods, targets=targets, batch_size=self.batch_size,
+                max_channels=self.max_channels, progress=self.progress, target_mask=self.target_mask)
             for i, item in enumerate(items):
                 yield from self._write(item, i, explanations, rank, rank_tag, protected)
 
