@@ -16,6 +16,8 @@ from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
 from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
+from .graph import copy_model
+from .maps_graph import append_maps, node_layout, supported
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
@@ -23,6 +25,11 @@ from .runtime import Runner
 from .scorecam import ScoreCam
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
                       find_logits)
+
+
+MAPS_ENGINES = ("auto", "graph", "numpy")
+# Whether ``maps="auto"`` computes the gradient methods' maps in the graph: set from tools/bench.py.
+GRAPH_MAPS_BY_DEFAULT = False
 
 
 @dataclass
@@ -43,7 +50,14 @@ class Explainer:
 
     def __init__(self, model, node: str | list[str] = "auto", provider: str = "auto",
                  grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
-                 input_shape: tuple | None = None, threads: int | None = None, cache: bool = True):
+                 input_shape: tuple | None = None, threads: int | None = None, cache: bool = True,
+                 maps: str = "auto"):
+        """``maps``: where the gradient methods' final maps are computed: ``graph`` (ONNX ops appended
+        to the augmented model, see maps_graph.py), ``numpy`` (the reference engine), ``auto`` (the
+        graph where it is exact, see ``GRAPH_MAPS_BY_DEFAULT``)."""
+        if maps not in MAPS_ENGINES:
+            raise OnnxcamError(f"unknown maps engine {maps!r}; choose one of {', '.join(MAPS_ENGINES)}")
+        self.maps = maps
         self.model: LoadedModel = load_model(model)
         self.provider = provider
         self.grad_backend = grad_backend
@@ -62,11 +76,12 @@ class Explainer:
         self._static_logits_shape: tuple | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
+        self._graph_maps: dict[tuple, tuple[list[str], Runner]] = {}
         self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
                                  threads, probabilities)
         # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
         self._needs = {
-            GRADIENTS: (self.gradient_session, lambda batch, i: batch.gradients[i]),
+            GRADIENTS: (self.augmented_gradient_model, lambda batch, i: batch.gradients[i]),
             CLASS_WEIGHTS: (self._check_classifier_heads,
                             lambda batch, i: self.classifier_head(self.nodes[i]).weight[batch.chosen]),
             CHANNEL_SCORES: (self._check_scorecam, self._scorecam_weights),
@@ -120,6 +135,35 @@ class Explainer:
             self._gradient_model = (augmented, Runner(augmented.proto, augmented.output_names,
                                                       self.provider, self.threads))
         return self._gradient_model
+
+    def graph_maps_session(self, methods: tuple[str, ...], node_layouts: tuple[str, ...]):
+        """The gradient model with the final maps of ``methods`` appended (maps_graph.py) and its
+        session; cached on disk like the gradient model, one per (methods, node layouts)."""
+        key = (methods, node_layouts)
+        if key not in self._graph_maps:
+            def build() -> onnx.ModelProto:
+                gradient = self.augmented_gradient_model()
+                proto = copy_model(gradient.proto)
+                append_maps(proto, gradient.input_name, self.input_layout, gradient.logits,
+                            gradient.activations, gradient.gradients, node_layouts, methods)
+                return proto
+
+            parts = {"family": "maps", "nodes": self.tensors, "backend": self.grad_backend,
+                     "probabilities": self.probabilities, "training_runtime": ort_training_available(),
+                     "methods": list(methods), "layouts": list(node_layouts), "input_layout": self.input_layout}
+            proto = cached_model(parts, self.model.proto, build) if self.cache else build()
+            names = [o.name for o in proto.graph.output]
+            self._graph_maps[key] = (names, Runner(proto, names, self.provider, self.threads))
+        return self._graph_maps[key]
+
+    def _graph_maps_plan(self, specs: list[Method], x: np.ndarray) -> tuple | None:
+        """The node layouts when this batch's maps can come out of the session, else None."""
+        if self.maps == "numpy" or (self.maps == "auto" and not GRAPH_MAPS_BY_DEFAULT):
+            return None
+        spatial = self.input_spatial(x)
+        node_layouts = tuple(node_layout(node.shape, spatial, self.input_layout) for node in self.nodes)
+        names = [spec.name for spec in specs]
+        return node_layouts if supported(names, node_layouts, self.model.opset) else None
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
@@ -294,7 +338,12 @@ class Explainer:
         scores, layer maps, seconds)})."""
         start = time.perf_counter()
         n = x.shape[0]
-        if any(GRADIENTS in spec.needs for spec in specs):
+        plan = self._graph_maps_plan(specs, x)
+        if plan is not None:
+            _, runner = self.graph_maps_session(tuple(spec.name for spec in specs), plan)
+            head_weights = self.target_weights(self._logits_shape(x), targets, mask)
+            outputs = runner.run({self.model.input.name: x, TARGET_WEIGHTS: head_weights})
+        elif any(GRADIENTS in spec.needs for spec in specs):
             augmented, runner = self.gradient_session()
             head_weights = self.target_weights(self._logits_shape(x), targets, mask)
             outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: head_weights})
@@ -310,12 +359,17 @@ class Explainer:
             chosen = targets if targets is not None else np.argmax(logits, axis=1)
             scores = logits[np.arange(n), chosen]
         m = len(self.nodes)
+        scores = scores.astype(np.float32)
+        if plan is not None:      # [logits, maps per method, layer maps per method and node]
+            k = len(specs)
+            return time.perf_counter() - start, {
+                spec.name: (outputs[1 + j], logits, np.asarray(chosen, np.int64), scores,
+                            outputs[1 + k + j * m:1 + k + (j + 1) * m], 0.0) for j, spec in enumerate(specs)}
         activations = [self._channels_first(a, x) for a in outputs[1:1 + m]]
         gradients = [self._channels_first(g, x, like=a) for g, a in zip(outputs[1 + m:1 + 2 * m],
                                                                         outputs[1:1 + m])]
         batch = _Batch(x, np.asarray(chosen, np.int64), map_weights, activations, gradients,
                        dict(batch_size=batch_size, max_channels=max_channels, progress=progress))
-        scores = scores.astype(np.float32)
         size = self.input_spatial(x)
         shared = time.perf_counter() - start
         results = {}
