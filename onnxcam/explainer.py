@@ -17,7 +17,7 @@ from .gradients import ort_training_available
 from .preprocess import Preprocessing
 from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
 from .graph import copy_model
-from .maps_graph import append_maps, node_layout, supported
+from .maps_graph import IN_GRAPH_METHODS, append_maps, node_layout, supported
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
@@ -136,34 +136,40 @@ class Explainer:
                                                       self.provider, self.threads))
         return self._gradient_model
 
-    def graph_maps_session(self, methods: tuple[str, ...], node_layouts: tuple[str, ...]):
+    def graph_maps_session(self, methods: tuple[str, ...], node_layouts: tuple[str, ...],
+                           with_activations: bool = False):
         """The gradient model with the final maps of ``methods`` appended (maps_graph.py) and its
-        session; cached on disk like the gradient model, one per (methods, node layouts)."""
-        key = (methods, node_layouts)
+        session; cached on disk like the gradient model, one per (methods, node layouts, outputs)."""
+        key = (methods, node_layouts, with_activations)
         if key not in self._graph_maps:
             def build() -> onnx.ModelProto:
                 gradient = self.augmented_gradient_model()
                 proto = copy_model(gradient.proto)
                 append_maps(proto, gradient.input_name, self.input_layout, gradient.logits,
-                            gradient.activations, gradient.gradients, node_layouts, methods)
+                            gradient.activations, gradient.gradients, node_layouts, methods,
+                            expose_activations=with_activations)
                 return proto
 
             parts = {"family": "maps", "nodes": self.tensors, "backend": self.grad_backend,
                      "probabilities": self.probabilities, "training_runtime": ort_training_available(),
-                     "methods": list(methods), "layouts": list(node_layouts), "input_layout": self.input_layout}
+                     "methods": list(methods), "layouts": list(node_layouts), "input_layout": self.input_layout,
+                     "activations": with_activations}
             proto = cached_model(parts, self.model.proto, build) if self.cache else build()
             names = [o.name for o in proto.graph.output]
             self._graph_maps[key] = (names, Runner(proto, names, self.provider, self.threads))
         return self._graph_maps[key]
 
     def _graph_maps_plan(self, specs: list[Method], x: np.ndarray) -> tuple | None:
-        """The node layouts when this batch's maps can come out of the session, else None."""
+        """(methods computed in the graph, node layouts, whether the other methods need the
+        activations too) when this batch's gradient maps can come out of the session, else None."""
         if self.maps == "numpy" or (self.maps == "auto" and not GRAPH_MAPS_BY_DEFAULT):
             return None
+        names = tuple(spec.name for spec in specs if spec.name in IN_GRAPH_METHODS)
         spatial = self.input_spatial(x)
         node_layouts = tuple(node_layout(node.shape, spatial, self.input_layout) for node in self.nodes)
-        names = [spec.name for spec in specs]
-        return node_layouts if supported(names, node_layouts, self.model.opset) else None
+        if not supported(names, node_layouts, self.model.opset):
+            return None
+        return names, node_layouts, len(names) < len(specs)
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
@@ -337,12 +343,16 @@ class Explainer:
         """One run for the batch, then each method's maps: (run seconds, {name: (maps, logits, chosen,
         scores, layer maps, seconds)})."""
         start = time.perf_counter()
-        n = x.shape[0]
+        n, m = x.shape[0], len(self.nodes)
         plan = self._graph_maps_plan(specs, x)
-        if plan is not None:
-            _, runner = self.graph_maps_session(tuple(spec.name for spec in specs), plan)
+        in_graph: tuple[str, ...] = ()
+        if plan is not None:       # outputs: logits, maps per method, layer maps per method and node,
+            in_graph, node_layouts, with_activations = plan          # then the activations if asked
+            _, runner = self.graph_maps_session(in_graph, node_layouts, with_activations)
             head_weights = self.target_weights(self._logits_shape(x), targets, mask)
             outputs = runner.run({self.model.input.name: x, TARGET_WEIGHTS: head_weights})
+            tail = 1 + len(in_graph) * (1 + m)
+            graph_outputs, outputs = outputs[:tail], [outputs[0], *outputs[tail:]]
         elif any(GRADIENTS in spec.needs for spec in specs):
             augmented, runner = self.gradient_session()
             head_weights = self.target_weights(self._logits_shape(x), targets, mask)
@@ -358,30 +368,28 @@ class Explainer:
         else:
             chosen = targets if targets is not None else np.argmax(logits, axis=1)
             scores = logits[np.arange(n), chosen]
-        m = len(self.nodes)
-        scores = scores.astype(np.float32)
-        if plan is not None:      # [logits, maps per method, layer maps per method and node]
-            k = len(specs)
-            return time.perf_counter() - start, {
-                spec.name: (outputs[1 + j], logits, np.asarray(chosen, np.int64), scores,
-                            outputs[1 + k + j * m:1 + k + (j + 1) * m], 0.0) for j, spec in enumerate(specs)}
+        chosen, scores = np.asarray(chosen, np.int64), scores.astype(np.float32)
+        results = {name: (graph_outputs[1 + j], logits, chosen, scores,
+                          graph_outputs[1 + len(in_graph) + j * m:1 + len(in_graph) + (j + 1) * m], 0.0)
+                   for j, name in enumerate(in_graph)}
         activations = [self._channels_first(a, x) for a in outputs[1:1 + m]]
         gradients = [self._channels_first(g, x, like=a) for g, a in zip(outputs[1 + m:1 + 2 * m],
                                                                         outputs[1:1 + m])]
-        batch = _Batch(x, np.asarray(chosen, np.int64), map_weights, activations, gradients,
+        batch = _Batch(x, chosen, map_weights, activations, gradients,
                        dict(batch_size=batch_size, max_channels=max_channels, progress=progress))
         size = self.input_spatial(x)
         shared = time.perf_counter() - start
-        results = {}
         for spec in specs:
+            if spec.name in results:
+                continue
             begin = time.perf_counter()
             layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
                                                             for need in spec.needs}))
                           for i, a in enumerate(activations)]
             maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
-            results[spec.name] = (maps.astype(np.float32), logits, batch.chosen, scores, layer_maps,
+            results[spec.name] = (maps.astype(np.float32), logits, chosen, scores, layer_maps,
                                   time.perf_counter() - begin)
-        return shared, results
+        return shared, {spec.name: results[spec.name] for spec in specs}
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like

@@ -116,9 +116,11 @@ class _Emitter:
 
 def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logits: str,
                 activations: Sequence[str], gradients: Sequence[str], node_layouts: Sequence[str],
-                methods: Sequence[str]) -> list[str]:
+                methods: Sequence[str], expose_activations: bool = False) -> list[str]:
     """Append the maps of ``methods`` to the gradient model ``proto`` (in place) and make its outputs
-    [logits, maps per method, layer maps per method and node]; returns those output names."""
+    [logits, maps per method, layer maps per method and node] (then the activations, as the model gives
+    them, when ``expose_activations``: for methods computed on the host from the same run); returns
+    those output names."""
     view = GraphView(proto)
     b = GraphBuilder(view.names(), "onnxcam_maps/", view.opset)
     e = _Emitter(b)
@@ -144,6 +146,6 @@ def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logi
         final = e.normalize(fused)
         outputs.append(b.op("Identity", [final], outputs=[b.reserve(maps_output(method))]))
     b.apply_to(proto)
-    names = [logits, *outputs, *layer_outputs]
+    names = [logits, *outputs, *layer_outputs, *(activations if expose_activations else [])]
     set_outputs(proto, names, view)
     return names
