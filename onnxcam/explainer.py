@@ -10,17 +10,18 @@ import numpy as np
 import onnx
 
 from . import layouts
-from .cache import cached_model
+from .cache import cached_model_bytes, model_digest
+from .derived import node_table
 from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
 from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
 from .graph import copy_model
-from .maps_graph import IN_GRAPH_METHODS, append_maps, node_layout, supported
+from .maps_graph import IN_GRAPH_METHODS, append_maps, maps_output_names, node_layout, supported
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
-from .nodes import NodeInfo, list_candidates, resolve_node
+from .nodes import NodeInfo, resolve_node
 from .runtime import Runner
 from .scorecam import ScoreCam
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
@@ -66,17 +67,19 @@ class Explainer:
         self.cache = cache
         self.logits_name = find_logits(self.model.view, probabilities)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
-        self.candidates = list_candidates(self.model, self._probe_shapes(input_shape))
+        self._digest = model_digest(self.model.proto) if cache else None    # once: every cache key needs it
+        self.candidates, self._static_logits_shape = node_table(self.model, self._probe_shapes(input_shape),
+                                                                self.logits_name, self._digest)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
         self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates) for spec in specs]
         self._gradient_model: tuple[AugmentedModel, Runner] | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
-        self._static_logits_shape: tuple | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
         self._graph_maps: dict[tuple, tuple[list[str], Runner]] = {}
+        self._gradient_augmented: AugmentedModel | None = None
         self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
                                  threads, probabilities)
         # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
@@ -113,26 +116,35 @@ class Explainer:
 
         Built once per (model bytes, nodes, backend, ...) and kept in the on-disk cache, so a second
         run on the same model skips surgery and gradient building."""
-        if self._gradient_model is not None:
-            return self._gradient_model[0]
+        if self._gradient_augmented is None:
+            self._gradient_augmented = self._gradient_model_and_bytes()[0]
+        return self._gradient_augmented
 
+    def _gradient_model_and_bytes(self) -> tuple[AugmentedModel, bytes | None]:
         def build() -> onnx.ModelProto:
             return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
                                                   self.probabilities).proto
 
+        data = None
         if not self.cache:
             proto = build()
         else:
             parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
                      "probabilities": self.probabilities, "training_runtime": ort_training_available()}
-            proto = cached_model(parts, self.model.proto, build)
-        return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
-                                                  self.tensors)
+            data = cached_model_bytes(parts, self._digest, build)
+            proto = onnx.load_from_string(data)
+        augmented = AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
+                                                       self.tensors)
+        return augmented, data
 
     def gradient_session(self) -> tuple[AugmentedModel, Runner]:
         if self._gradient_model is None:
-            augmented = self.augmented_gradient_model()
-            self._gradient_model = (augmented, Runner(augmented.proto, augmented.output_names,
+            if self._gradient_augmented is None:
+                self._gradient_augmented, data = self._gradient_model_and_bytes()
+            else:
+                data = None
+            augmented = self._gradient_augmented
+            self._gradient_model = (augmented, Runner(data or augmented.proto, augmented.output_names,
                                                       self.provider, self.threads))
         return self._gradient_model
 
@@ -154,9 +166,9 @@ class Explainer:
                      "probabilities": self.probabilities, "training_runtime": ort_training_available(),
                      "methods": list(methods), "layouts": list(node_layouts), "input_layout": self.input_layout,
                      "activations": with_activations}
-            proto = cached_model(parts, self.model.proto, build) if self.cache else build()
-            names = [o.name for o in proto.graph.output]
-            self._graph_maps[key] = (names, Runner(proto, names, self.provider, self.threads))
+            data = cached_model_bytes(parts, self._digest, build) if self.cache else build()
+            names = maps_output_names(self.logits_name, methods, self.tensors, with_activations)
+            self._graph_maps[key] = (names, Runner(data, names, self.provider, self.threads))
         return self._graph_maps[key]
 
     def _graph_maps_plan(self, specs: list[Method], x: np.ndarray) -> tuple | None:
@@ -195,10 +207,6 @@ class Explainer:
     def _logits_shape(self, x: np.ndarray) -> tuple:
         """Shape of the scored output for batch ``x``: static when the graph says so, else from one
         forward run per input shape (remembered)."""
-        if self._static_logits_shape is None:
-            shape = self.model.view.static_shape(self.logits_name)
-            static = shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:])
-            self._static_logits_shape = tuple(shape[1:]) if static else ()
         if self._static_logits_shape:
             return (x.shape[0], *self._static_logits_shape)
         key = x.shape[1:]

@@ -43,6 +43,14 @@ def layer_map_output(method: str, layer: int) -> str:
     return f"onnxcam_layer_map_{method}_{layer}"
 
 
+def maps_output_names(logits: str, methods: Sequence[str], activations: Sequence[str],
+                      expose_activations: bool) -> list[str]:
+    """The outputs ``append_maps`` gives the model, in order (known without reading the model back)."""
+    return [logits, *(maps_output(m) for m in methods),
+            *(layer_map_output(m, i) for m in methods for i in range(len(activations))),
+            *(activations if expose_activations else [])]
+
+
 def supported(methods: Sequence[str], node_layouts: Sequence[str | None], opset: int) -> bool:
     """True when every method and node can be computed in the graph exactly."""
     return (opset >= MIN_OPSET and bool(methods) and all(m in IN_GRAPH_METHODS for m in methods)
@@ -146,6 +154,7 @@ def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logi
         final = e.normalize(fused)
         outputs.append(b.op("Identity", [final], outputs=[b.reserve(maps_output(method))]))
     b.apply_to(proto)
-    names = [logits, *outputs, *layer_outputs, *(activations if expose_activations else [])]
+    names = maps_output_names(logits, methods, activations, expose_activations)
+    assert names[1:1 + len(outputs) + len(layer_outputs)] == outputs + layer_outputs
     set_outputs(proto, names, view)
     return names
