@@ -45,9 +45,11 @@ def model_digest(model_proto: onnx.ModelProto | bytes) -> bytes | None:
     serialize (≥ 2 GB), which is then never cached. Compute it once per model and pass it on."""
     if isinstance(model_proto, (bytes, bytearray)):
         return hashlib.sha256(model_proto).digest()
-    if model_proto.ByteSize() > MAX_CACHED_BYTES:
+    try:        # no ByteSize() check first: on a large model it costs as much as serializing
+        data = model_proto.SerializeToString()
+    except Exception:   # over protobuf's 2 GB limit
         return None
-    return hashlib.sha256(model_proto.SerializeToString()).digest()
+    return None if len(data) > MAX_CACHED_BYTES else hashlib.sha256(data).digest()
 
 
 def cache_key(parts: dict, model_bytes: bytes | None = None, digest_of_model: bytes | None = None) -> str:

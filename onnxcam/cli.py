@@ -148,10 +148,19 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@click.option("--maps", "maps_engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto",
+              show_default=True, help="Where gradient methods' final maps are computed: ONNX ops in the "
+                                      "session (graph), the NumPy engine (numpy), or auto.")
+@click.option("--profile", is_flag=True, help="Print the call's fixed costs (imports, model load, node "
+                                              "table, session creation, run, writing) on stderr.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask):
+            overwrite, no_cache, labels, target_mask, maps_engine, profile):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
+    from . import IMPORT_START
+    from .profile import PROFILE, phase
+    if profile:
+        PROFILE.start(IMPORT_START)
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
     from .methods import get_method
@@ -161,14 +170,18 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError("--batch-size must be at least 1")
     if top_k is not None and top_k < 1:
         raise OnnxcamError("--top-k must be at least 1")
-    loaded = load_model(model)
+    with phase("model load"):
+        loaded = load_model(model)
     paths = collect_inputs(list(inputs))
     preprocessing = _preprocessing(loaded, _size(size), _floats(mean, "--mean"), _floats(std, "--std"),
                                    scale, layout, bgr)
-    explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
-                          layout=layout or preprocessing.explainer_layout(loaded.input.rank),
-                          probabilities=probabilities,
-                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
+    with phase("node table"):
+        explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider,
+                              grad_backend=grad_backend,
+                              layout=layout or preprocessing.explainer_layout(loaded.input.rank),
+                              probabilities=probabilities,
+                              input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache,
+                              maps=maps_engine)
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
@@ -194,6 +207,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
                                "skipped": runner.skipped, "results": summaries}, indent=2))
+    if profile:
+        click.echo(PROFILE.report(), err=True)
 
 
 def read_labels(path: str) -> list[str]:

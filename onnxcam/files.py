@@ -14,6 +14,7 @@ from . import outputs, render
 from .errors import OnnxcamError
 from .explainer import Explainer, Explanation
 from .preprocess import IMAGE_SUFFIXES, Preprocessing, read_image
+from .profile import phase
 
 
 @dataclass
@@ -151,6 +152,10 @@ class FileExplainer:
                     self.batch_progress(min((index + 1) * self.batch_size, len(todo)), len(todo))
 
     def _load_batch(self, paths: list[Path]) -> tuple[list[InputItem], np.ndarray]:
+        with phase("reading"):
+            return self._read_batch(paths)
+
+    def _read_batch(self, paths: list[Path]) -> tuple[list[InputItem], np.ndarray]:
         rank = self.explainer.model.input.rank
         items = [load_input(p, self.preprocessing, rank) for p in paths]
         shapes = {item.x.shape for item in items}
@@ -172,11 +177,14 @@ class FileExplainer:
         for rank, targets in enumerate(self._targets_per_rank(x), start=1):
             rank_tag = rank if self.top_k else None
             # every method from one run of the model (explain_many): --method all costs one pass
-            explanations: dict[str, Explanation] = self.explainer.explain_many(
-                x, self.methods, targets=targets, batch_size=self.batch_size,
-                max_channels=self.max_channels, progress=self.progress, target_mask=self.target_mask)
+            with phase("run"):
+                explanations: dict[str, Explanation] = self.explainer.explain_many(
+                    x, self.methods, targets=targets, batch_size=self.batch_size,
+                    max_channels=self.max_channels, progress=self.progress, target_mask=self.target_mask)
             for i, item in enumerate(items):
-                yield from self._write(item, i, explanations, rank, rank_tag, protected)
+                with phase("writing"):
+                    written = list(self._write(item, i, explanations, rank, rank_tag, protected))
+                yield from written
 
     def _write(self, item, i, explanations, rank, rank_tag, protected):
         results = []

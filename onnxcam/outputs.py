@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import cv2
+from ._lazy import cv2
 import numpy as np
 
 from .errors import OnnxcamError

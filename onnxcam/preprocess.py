@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
+from ._lazy import cv2
 import numpy as np
 
 from . import layouts
