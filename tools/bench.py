@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))   # this checkout's onnxcam, whatever the environm
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 GRADIENT_METHODS = ("gradcam", "layercam")
-ALL_METHODS = ("gradcam", "layercam", "scorecam")
+ALL_METHODS = ("gradcam", "layercam", "all", "scorecam")
+SEVEN = ("cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam")   # --method all
 TORCH_CLASSES = {"gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM"}
 
 
@@ -149,12 +150,14 @@ def worker(job: dict) -> dict:
     import numpy as np
 
     threads, repeats = job["threads"], job["repeats"]
-    inputs = {b: np.load(job[f"x{b}"]) for b in (1, 32)}
+    inputs = job_inputs(job)
     slow = bool(job["method"]) and job["method"].startswith("scorecam")
-    makers = {"ort": _ort_job, "onnxcam": _onnxcam_job, "torch": _torch_job}
+    makers = {"ort": _ort_job, "onnxcam": _onnxcam_job, "graph": _onnxcam_job, "gradcam": _onnxcam_job,
+              "torch": _torch_job}
     result, runs, samples = {}, {}, {}
     for tool in job["tools"]:
-        runs[tool] = makers[tool](job, threads)
+        runs[tool] = makers[tool](job, threads) if makers[tool] is not _onnxcam_job else \
+            _onnxcam_job(job, threads, tool)
         entry = result[tool] = {"times": {}, "median": {}, "peak_mb": {}}
         samples[tool] = {b: [] for b in job["batches"]}
         for b in job["batches"]:
@@ -185,6 +188,8 @@ def worker(job: dict) -> dict:
             result[tool]["times"][str(b)] = min(values)
             result[tool]["median"][str(b)] = statistics.median(values)
         result[tool]["forward"] = forward_best
+    if job.get("all_methods"):
+        result["all_methods"] = job["all_methods"]
     return result
 
 
@@ -209,13 +214,23 @@ def _ort_job(job, threads):
     return run
 
 
-def _onnxcam_job(job, threads):
+def _onnxcam_job(job, threads, tool="onnxcam"):
+    """tool ``onnxcam``: maps from the NumPy engine; ``graph``: maps computed in the session;
+    ``gradcam``: Grad-CAM alone (the yardstick of method ``all``) with the engine ``all`` uses."""
     from onnxcam import Explainer
 
-    explainer = Explainer(job["onnx"], job["node"], provider="cpu", threads=threads)
     method = job["method"]
+    maps = {"onnxcam": "numpy", "graph": "graph"}.get(tool, job.get("all_maps", "auto"))
+    if method == "all" and tool == "onnxcam":
+        maps = job.get("all_maps", "auto")
+    explainer = Explainer(job["onnx"], job["node"], provider="cpu", threads=threads, maps=maps)
+    if method == "all" or tool == "gradcam":
+        methods = [m for m in SEVEN if _applies(explainer, m)] if tool != "gradcam" else ["gradcam"]
+        explainer.explain_many(job_inputs(job)[1], methods)      # sessions built before the baseline
+        job.setdefault("all_methods", methods)
+        return lambda x: (explainer.explain_many(x, methods)[methods[0]].maps, None)
     if method in GRADIENT_METHODS:
-        explainer.gradient_session()       # session built before the memory baseline
+        explainer.explain(job_inputs(job)[1], method=method)     # session built before the memory baseline
         return lambda x: (explainer.explain(x, method=method).maps, None)
     explainer.forward_session()
     scorer = explainer.scorecam.in_graph_scorer()      # the in-graph scorer Explainer.explain uses
@@ -225,6 +240,22 @@ def _onnxcam_job(job, threads):
         maps = explainer.explain(x, method="scorecam", batch_size=32).maps
         return maps, (scorer.masks_scored - before) / len(x) if scorer else None
     return run
+
+
+def _applies(explainer, method: str) -> bool:
+    from onnxcam import OnnxcamError
+    try:
+        explainer.check_method(method)
+        return True
+    except OnnxcamError:
+        return False
+
+
+def job_inputs(job) -> dict:
+    import numpy as np
+    if "_inputs" not in job:
+        job["_inputs"] = {b: np.load(job[f"x{b}"]) for b in (1, 32)}
+    return job["_inputs"]
 
 
 def _torch_job(job, threads):
@@ -315,7 +346,57 @@ def report(spec: dict, results: dict, threads: int) -> tuple[str, dict]:
             lines.append(f"|   ↳ {method}: {masks:.0f} distinct masks × {_ms(g32)} = {_ms(floor)} floor; "
                          f"onnxcam {_ratio(o1, floor)} of it |" + " |" * 10)
         summary["methods"][method] = entry
+    if results.get("all_methods"):
+        ours = results["methods"].get(next(k for k in results["methods"] if k.startswith("all (")))
+        alone = results["methods"].get("gradcam alone (same engine)")
+        if ours and alone and "error" not in ours and "error" not in alone:
+            lines.append(f"|   ↳ all = {', '.join(results['all_methods'])} ({len(results['all_methods'])} methods, "
+                         f"one run): {_ratio(_time(ours, 1), _time(alone, 1))} Grad-CAM alone at b1, "
+                         f"{_ratio(_time(ours, 32), _time(alone, 32))} at b32 |" + " |" * 10)
+            summary["all_vs_gradcam"] = {"b1": _time(ours, 1) / _time(alone, 1),
+                                         "b32": _time(ours, 32) / _time(alone, 32),
+                                         "methods": results["all_methods"]}
     return "\n".join(lines), summary
+
+
+def cli_report(spec: dict, args) -> tuple[str, dict]:
+    """Wall time of one `onnxcam explain` call on one photo with a warm cache (Grad-CAM and --method all),
+    each repeated --repeats times in turns, and one --profile breakdown of the fastest kind."""
+    import numpy as np
+    from skimage import data
+    import cv2
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="onnxcam-cli-") as tmp:
+        photo = Path(tmp) / "chelsea.png"
+        cv2.imwrite(str(photo), np.ascontiguousarray(data.chelsea()[..., ::-1]))
+        env = dict(os.environ, ONNXCAM_CACHE_DIR=str(Path(tmp) / "cache"), ONNXCAM_THREADS=str(args.threads),
+                   PYTHONPATH=str(ROOT))
+        node = [] if spec["node"] == "auto" else ["--node", spec["node"]]
+        kinds = {"gradcam": ["--method", "gradcam"], "all": ["--method", "all"]}
+
+        def command(kind, *extra):
+            return [sys.executable, "-m", "onnxcam.cli", "explain", str(Path(spec["onnx"]).resolve()), str(photo), *node,
+                    *kinds[kind], "--out", str(Path(tmp) / kind), "--overwrite", *extra]
+
+        for kind in kinds:       # cold run: fills the cache
+            subprocess.run(command(kind), check=True, capture_output=True, env=env, cwd=tmp)
+        times = {kind: [] for kind in kinds}
+        for _ in range(args.repeats):
+            for kind in kinds:
+                start = time.perf_counter()
+                subprocess.run(command(kind), check=True, capture_output=True, env=env, cwd=tmp)
+                times[kind].append(time.perf_counter() - start)
+        profile = subprocess.run(command("gradcam", "--profile"), check=True, capture_output=True, text=True,
+                                 env=env, cwd=tmp).stderr.strip().splitlines()[-1]
+    lines = [f"`onnxcam explain` on one photo, warm cache, {args.threads} threads ({args.repeats} runs each, "
+             "in turns): best / median wall", ""]
+    for kind, values in times.items():
+        out[kind] = {"best_s": min(values), "median_s": statistics.median(values)}
+        lines.append(f"- `--method {kind}`: {min(values):.3f} s / {statistics.median(values):.3f} s")
+    lines += ["", f"`--profile` (Grad-CAM): {profile}"]
+    out["profile"] = profile
+    return "\n".join(lines), out
 
 
 def main(argv=None) -> int:
@@ -330,6 +411,10 @@ def main(argv=None) -> int:
     parser.add_argument("--node", help="explain this node instead of the model's last block (e.g. an early "
                         "one, to see the cost of a deep backward pass); pytorch-grad-cam is then skipped")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--all-maps", choices=("auto", "graph", "numpy"), default="auto",
+                        help="maps engine for method `all` and its Grad-CAM yardstick")
+    parser.add_argument("--cli", action="store_true", help="also time `onnxcam explain` on one photo "
+                        "(warm cache), interleaved --repeats times, with one --profile breakdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -367,19 +452,32 @@ def main(argv=None) -> int:
         torch_done = {}
         for method in methods:
             batches = [1] if method.startswith("scorecam") else [1, 32]
-            torch_class = TORCH_CLASSES[method]
-            tools = ["onnxcam"]
-            if use_torch and torch_class not in torch_done and (not method.startswith("scorecam")
-                                                                or torch_scorecam):
+            torch_class = TORCH_CLASSES.get(method)
+            tools = ["onnxcam", "gradcam"] if method == "all" else ["onnxcam"]
+            if method in GRADIENT_METHODS:
+                tools.append("graph")      # the same method with its maps computed in the session
+            if use_torch and torch_class and torch_class not in torch_done and (
+                    not method.startswith("scorecam") or torch_scorecam):
                 tools.append("torch")
             print(f"[{spec['name']}] {' + '.join(tools)} {method} ...", file=sys.stderr)
-            got = run_job(dict(base, tools=tools, method=method, batches=batches))
+            got = run_job(dict(base, tools=tools, method=method, batches=batches, all_maps=args.all_maps))
             if "error" in got:
                 got = {tool: got for tool in tools}
             if "torch" in got:
                 torch_done[torch_class] = got["torch"]
-            results["methods"][method] = (got["onnxcam"], torch_done.get(torch_class))
+            if method == "all":
+                results["methods"][f"all ({args.all_maps} maps)"] = (got["onnxcam"], None)
+                results["methods"]["gradcam alone (same engine)"] = (got["gradcam"], None)
+                results["all_methods"] = got.get("all_methods")
+                continue
+            label = f"{method} (NumPy maps)" if method in GRADIENT_METHODS else method
+            results["methods"][label] = (got["onnxcam"], torch_done.get(torch_class))
+            if "graph" in got:
+                results["methods"][f"{method} (in-graph maps)"] = (got["graph"], torch_done.get(torch_class))
         table, summary = report(spec, results, args.threads)
+        if args.cli:
+            cli_table, summary["cli"] = cli_report(spec, args)
+            table += "\n\n" + cli_table
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
