@@ -119,7 +119,8 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
               help="Node to explain: node name, output tensor, module scope (layer4), scope/op "
                    "(/layer4/Relu), Keras layer name, or auto. Repeat to fuse several layers.")
 @click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam, cam, or all.")
+              help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam, cam, a comma-"
+                   "separated list of them, or all; several methods share one run and give one grid.")
 @click.option("--target", help="Class to explain (index or class name); default: the top class.")
 @click.option("--top-k", type=int, help="Explain each of the K top classes (one map per class).")
 @click.option("--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
@@ -182,7 +183,10 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                               probabilities=probabilities,
                               input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache,
                               maps=maps_engine)
-    methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
+    methods = applicable_methods(explainer) if method == "all" else \
+        list(dict.fromkeys(get_method(m.strip()).name for m in method.split(",") if m.strip()))
+    if not methods:
+        raise OnnxcamError(f"--method {method!r} names no method; e.g. --method gradcam or gradcam,layercam")
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:

@@ -70,3 +70,24 @@ def test_targets_and_batches(shapes_x):
 def test_efficientnet_gradient_methods(efficientnet_onnx, photos):
     explainer = Explainer(efficientnet_onnx, "_blocks.15", provider="cpu")
     _runs_alike(explainer, photos[:2], ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"])
+
+
+def test_cli_method_list_shares_one_run_and_gives_the_separate_maps(tmp_path):
+    import cv2
+    from click.testing import CliRunner
+
+    from onnxcam.cli import main
+    image = tmp_path / "shape.png"
+    images, _, _ = make_dataset(1, seed=5)
+    cv2.imwrite(str(image), images[0][..., ::-1])
+    result = CliRunner().invoke(main, ["explain", str(SHAPES), str(image), "--method", "gradcam, layercam",
+                                       "--out", str(tmp_path / "out"), "--npy", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "shape_all.png").exists()            # one grid for the list
+    explainer = Explainer(SHAPES, "auto", provider="cpu")
+    for method in ("gradcam", "layercam"):
+        alone = explainer.explain(preprocess(images), method=method).maps[0]
+        np.testing.assert_allclose(np.load(tmp_path / "out" / f"shape_{method}.npy"), alone, rtol=0, atol=TOLERANCE)
+    bad = CliRunner().invoke(main, ["explain", str(SHAPES), str(image), "--method", "gradcam,nope",
+                                    "--out", str(tmp_path / "out2")])
+    assert bad.exit_code == 1 and bad.output.startswith("error: unknown CAM method 'nope'")

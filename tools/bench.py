@@ -373,11 +373,15 @@ def cli_report(spec: dict, args) -> tuple[str, dict]:
         env = dict(os.environ, ONNXCAM_CACHE_DIR=str(Path(tmp) / "cache"), ONNXCAM_THREADS=str(args.threads),
                    PYTHONPATH=str(ROOT))
         node = [] if spec["node"] == "auto" else ["--node", spec["node"]]
-        kinds = {"gradcam": ["--method", "gradcam"], "all": ["--method", "all"]}
+        maps = [] if args.cli_maps == "auto" else ["--maps", args.cli_maps]
+        from onnxcam import Explainer
+        explainer = Explainer(spec["onnx"], spec["node"], provider="cpu")
+        seven = ",".join(m for m in SEVEN if _applies(explainer, m))    # --method all without Score-CAM
+        kinds = {"gradcam": ["--method", "gradcam"], "all": ["--method", seven]}
 
         def command(kind, *extra):
             return [sys.executable, "-m", "onnxcam.cli", "explain", str(Path(spec["onnx"]).resolve()), str(photo), *node,
-                    *kinds[kind], "--out", str(Path(tmp) / kind), "--overwrite", *extra]
+                    *kinds[kind], *maps, "--out", str(Path(tmp) / kind), "--overwrite", *extra]
 
         for kind in kinds:       # cold run: fills the cache
             subprocess.run(command(kind), check=True, capture_output=True, env=env, cwd=tmp)
@@ -392,8 +396,8 @@ def cli_report(spec: dict, args) -> tuple[str, dict]:
     lines = [f"`onnxcam explain` on one photo, warm cache, {args.threads} threads ({args.repeats} runs each, "
              "in turns): best / median wall", ""]
     for kind, values in times.items():
-        out[kind] = {"best_s": min(values), "median_s": statistics.median(values)}
-        lines.append(f"- `--method {kind}`: {min(values):.3f} s / {statistics.median(values):.3f} s")
+        out[kind] = {"best_s": min(values), "median_s": statistics.median(values), "args": kinds[kind] + maps}
+        lines.append(f"- `{' '.join(kinds[kind] + maps)}`: {min(values):.3f} s / {statistics.median(values):.3f} s")
     lines += ["", f"`--profile` (Grad-CAM): {profile}"]
     out["profile"] = profile
     return "\n".join(lines), out
@@ -415,6 +419,8 @@ def main(argv=None) -> int:
                         help="maps engine for method `all` and its Grad-CAM yardstick")
     parser.add_argument("--cli", action="store_true", help="also time `onnxcam explain` on one photo "
                         "(warm cache), interleaved --repeats times, with one --profile breakdown")
+    parser.add_argument("--cli-maps", choices=("auto", "graph", "numpy"), default="auto",
+                        help="--maps for the --cli runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
