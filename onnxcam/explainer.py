@@ -30,7 +30,7 @@ from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build
 
 MAPS_ENGINES = ("auto", "graph", "numpy")
 # Whether ``maps="auto"`` computes the gradient methods' maps in the graph: set from tools/bench.py.
-GRAPH_MAPS_BY_DEFAULT = False
+GRAPH_MAPS_BY_DEFAULT = True
 
 
 @dataclass

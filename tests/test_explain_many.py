@@ -26,6 +26,7 @@ def shapes_x():
 
 
 def _runs_alike(explainer, x, methods, **options):
+    """explain_many against explain, each method alone (same maps engine: the default)."""
     together = explainer.explain_many(x, methods, **options)
     assert list(together) == [METHODS[m].name for m in methods]
     for method in methods:
@@ -50,15 +51,16 @@ def test_every_method_from_one_run_equals_separate_calls(shapes_x, nodes):
     assert not np.allclose(together["eigencam"].maps, together["hirescam"].maps)
 
 
-def test_one_run_per_batch(shapes_x):
-    explainer = Explainer(SHAPES, "auto", provider="cpu")
-    _, runner = explainer.gradient_session()
+@pytest.mark.parametrize("maps", ["graph", "numpy"])
+def test_one_run_per_batch(shapes_x, maps, monkeypatch):
+    from onnxcam.runtime import Runner
+    explainer = Explainer(SHAPES, "auto", provider="cpu", maps=maps)
     calls = []
-    original = runner.run
-    runner.run = lambda feeds: calls.append(1) or original(feeds)
-    explainer.explain_many(shapes_x, ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"],
-                           batch_size=4)
-    assert len(calls) == 2          # 6 inputs in batches of 4: two runs for all six methods
+    original = Runner.run
+    monkeypatch.setattr(Runner, "run", lambda self, feeds: calls.append(1) or original(self, feeds))
+    explainer.explain_many(shapes_x, ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam",
+                                      "cam"], batch_size=4)
+    assert len(calls) == 2          # 6 inputs in batches of 4: two runs for all seven methods
 
 
 def test_targets_and_batches(shapes_x):

@@ -149,7 +149,9 @@ def worker(job: dict) -> dict:
     so all see the same machine load; the best and the median of ``repeats`` are kept."""
     import numpy as np
 
+    global _clock
     threads, repeats = job["threads"], job["repeats"]
+    _clock = CLOCK[job.get("clock", "wall")]
     inputs = job_inputs(job)
     slow = bool(job["method"]) and job["method"].startswith("scorecam")
     makers = {"ort": _ort_job, "onnxcam": _onnxcam_job, "graph": _onnxcam_job, "gradcam": _onnxcam_job,
@@ -200,13 +202,17 @@ def worker(job: dict) -> dict:
     return result
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def _seconds(fn, x) -> float:
     # Let the previous call's thread pools (another ORT session's, torch's OpenMP) stop spinning, so
     # short batch-1 runs are not charged for the CPU time of the call before them.
     time.sleep(0.05)
-    start = time.perf_counter()
+    start = _clock()
     fn(x)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def _ort_job(job, threads):
@@ -313,10 +319,10 @@ def _max_diff(a: dict, b: dict, batch: int):
     return float(np.abs(x - y).max()) if x.shape == y.shape else float("nan")
 
 
-def report(spec: dict, results: dict, threads: int) -> tuple[str, dict]:
+def report(spec: dict, results: dict, threads: int, clock: str = "wall") -> tuple[str, dict]:
     forward = results["ort"]
     f1, f32 = _time(forward, 1), _time(forward, 32)
-    lines = [f"### {spec['name']} — node `{spec['node']}`, {threads} threads",
+    lines = [f"### {spec['name']} — node `{spec['node']}`, {threads} threads, {clock} clock",
              "",
              f"Plain ORT forward: batch 1 {_ms(f1)}, batch 32 {_ms(f32)} per image; "
              f"peak memory +{forward['peak_mb'].get('1', 0):.0f} / +{forward['peak_mb'].get('32', 0):.0f} MB",
@@ -363,8 +369,8 @@ def report(spec: dict, results: dict, threads: int) -> tuple[str, dict]:
                          "median forward: one Score-CAM run meets the median load, not the best) |" + " |" * 10)
         summary["methods"][method] = entry
     if results.get("all_methods"):
-        ours = results["methods"].get(next(k for k in results["methods"] if k.startswith("all (")))
-        alone = results["methods"].get("gradcam alone (same engine)")
+        ours = results["methods"].get(next(k for k in results["methods"] if k.startswith("all (")))[0]
+        alone = results["methods"].get("gradcam alone (same engine)")[0]
         if ours and alone and "error" not in ours and "error" not in alone:
             lines.append(f"|   ↳ all = {', '.join(results['all_methods'])} ({len(results['all_methods'])} methods, "
                          f"one run): {_ratio(_time(ours, 1), _time(alone, 1))} Grad-CAM alone at b1, "
@@ -437,6 +443,9 @@ def main(argv=None) -> int:
                         "(warm cache), interleaved --repeats times, with one --profile breakdown")
     parser.add_argument("--scorecam-channels", type=int, help="Score-CAM with --max-channels K (Faster "
                         "Score-CAM: fewer masks, the same floor ratio, minutes less on ResNet-50)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time (use with --threads 1: on a "
+                             "machine other jobs load, CPU time of one thread barely moves with their load)")
     parser.add_argument("--cli-maps", choices=("auto", "graph", "numpy"), default="auto",
                         help="--maps for the --cli runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -465,6 +474,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxcam-bench-") as tmp:
         x1, x32 = make_inputs(spec, Path(tmp))
         base = {"onnx": spec["onnx"], "node": spec["node"], "torch": spec["torch"], "threads": args.threads,
+                "clock": args.clock,
                 "repeats": args.repeats, "x1": str(x1), "x32": str(x32), "out_dir": tmp}
         print(f"[{spec['name']}] ORT forward ...", file=sys.stderr)
         forward = run_job(dict(base, tools=["ort"], method=None, batches=[1, 32]))
@@ -500,7 +510,7 @@ def main(argv=None) -> int:
             results["methods"][label] = (got["onnxcam"], torch_done.get(torch_class))
             if "graph" in got:
                 results["methods"][f"{method} (in-graph maps)"] = (got["graph"], torch_done.get(torch_class))
-        table, summary = report(spec, results, args.threads)
+        table, summary = report(spec, results, args.threads, args.clock)
         if args.cli:
             cli_table, summary["cli"] = cli_report(spec, args)
             table += "\n\n" + cli_table
