@@ -17,8 +17,7 @@ from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
 from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
-from .graph import copy_model
-from .maps_graph import IN_GRAPH_METHODS, append_maps, maps_output_names, node_layout, supported
+from .maps_graph import MAPS_ENGINES, GraphMaps
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, resolve_node
@@ -26,11 +25,6 @@ from .runtime import Runner
 from .scorecam import ScoreCam
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
                       find_logits)
-
-
-MAPS_ENGINES = ("auto", "graph", "numpy")
-# Whether ``maps="auto"`` computes the gradient methods' maps in the graph: set from tools/bench.py.
-GRAPH_MAPS_BY_DEFAULT = True
 
 
 @dataclass
@@ -78,7 +72,7 @@ class Explainer:
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
-        self._graph_maps: dict[tuple, tuple[list[str], Runner]] = {}
+        self._graph_maps = GraphMaps(self)
         self._gradient_augmented: AugmentedModel | None = None
         self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
                                  threads, probabilities)
@@ -147,41 +141,6 @@ class Explainer:
             self._gradient_model = (augmented, Runner(data or augmented.proto, augmented.output_names,
                                                       self.provider, self.threads))
         return self._gradient_model
-
-    def graph_maps_session(self, methods: tuple[str, ...], node_layouts: tuple[str, ...],
-                           with_activations: bool = False):
-        """The gradient model with the final maps of ``methods`` appended (maps_graph.py) and its
-        session; cached on disk like the gradient model, one per (methods, node layouts, outputs)."""
-        key = (methods, node_layouts, with_activations)
-        if key not in self._graph_maps:
-            def build() -> onnx.ModelProto:
-                gradient = self.augmented_gradient_model()
-                proto = copy_model(gradient.proto)
-                append_maps(proto, gradient.input_name, self.input_layout, gradient.logits,
-                            gradient.activations, gradient.gradients, node_layouts, methods,
-                            expose_activations=with_activations)
-                return proto
-
-            parts = {"family": "maps", "nodes": self.tensors, "backend": self.grad_backend,
-                     "probabilities": self.probabilities, "training_runtime": ort_training_available(),
-                     "methods": list(methods), "layouts": list(node_layouts), "input_layout": self.input_layout,
-                     "activations": with_activations}
-            data = cached_model_bytes(parts, self._digest, build) if self.cache else build()
-            names = maps_output_names(self.logits_name, methods, self.tensors, with_activations)
-            self._graph_maps[key] = (names, Runner(data, names, self.provider, self.threads))
-        return self._graph_maps[key]
-
-    def _graph_maps_plan(self, specs: list[Method], x: np.ndarray) -> tuple | None:
-        """(methods computed in the graph, node layouts, whether the other methods need the
-        activations too) when this batch's gradient maps can come out of the session, else None."""
-        if self.maps == "numpy" or (self.maps == "auto" and not GRAPH_MAPS_BY_DEFAULT):
-            return None
-        names = tuple(spec.name for spec in specs if spec.name in IN_GRAPH_METHODS)
-        spatial = self.input_spatial(x)
-        node_layouts = tuple(node_layout(node.shape, spatial, self.input_layout) for node in self.nodes)
-        if not supported(names, node_layouts, self.model.opset):
-            return None
-        return names, node_layouts, len(names) < len(specs)
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
@@ -352,11 +311,11 @@ class Explainer:
         scores, layer maps, seconds)})."""
         start = time.perf_counter()
         n, m = x.shape[0], len(self.nodes)
-        plan = self._graph_maps_plan(specs, x)
+        plan = self._graph_maps.plan(specs, x)
         in_graph: tuple[str, ...] = ()
         if plan is not None:       # outputs: logits, maps per method, layer maps per method and node,
             in_graph, node_layouts, with_activations = plan          # then the activations if asked
-            _, runner = self.graph_maps_session(in_graph, node_layouts, with_activations)
+            _, runner = self._graph_maps.session(in_graph, node_layouts, with_activations)
             head_weights = self.target_weights(self._logits_shape(x), targets, mask)
             outputs = runner.run({self.model.input.name: x, TARGET_WEIGHTS: head_weights})
             tail = 1 + len(in_graph) * (1 + m)

@@ -52,7 +52,7 @@ def test_shapes_cnn(shapes_x, nodes):
     graph, numpy_engine = _pair(SHAPES, nodes)
     _compare(graph, numpy_engine, shapes_x)
     _compare(graph, numpy_engine, shapes_x, targets=[0, 1, 2, 3, 4], batch_size=2)
-    names, _ = next(iter(graph._graph_maps.values()))
+    names, _ = next(iter(graph._graph_maps.sessions.values()))
     # only the logits, the final maps and the small layer maps leave the session
     assert names[:1 + len(METHODS)] == [graph.logits_name] + [maps_output(m) for m in METHODS]
     assert not set(names) & set(graph.tensors)
@@ -78,7 +78,7 @@ def test_other_methods_share_the_run_on_the_host(shapes_x):
     graph, numpy_engine = _pair(SHAPES, "auto")
     methods = ["gradcam", "eigencam", "cam", "layercam", "scorecam"]
     together = graph.explain_many(shapes_x, methods, max_channels=8)
-    names, _ = next(iter(graph._graph_maps.values()))
+    names, _ = next(iter(graph._graph_maps.sessions.values()))
     assert names[-1] == graph.tensors[0] and len(names) == 1 + 2 * 2 + 1
     for method in methods:
         alone = numpy_engine.explain(shapes_x, method=method, max_channels=8)
