@@ -16,8 +16,18 @@ timed run (a single run is already hundreds of forward passes).
 Models: ``efficientnet`` (pretrained EfficientNet-Lite0 from tools/make_efficientnet.py, node
 ``_blocks.15`` = torch ``model._blocks[-1]``), ``resnet50`` (tools/resnet.py, seeded random weights,
 node ``layer4`` = torch ``model.layer4[-1]``), or a path to any .onnx (onnxcam only, node ``auto``).
-Methods: gradcam, layercam, scorecam, all through Explainer.explain (Score-CAM with its in-graph
-scorer; the number of distinct masks it scored gives the floor).
+Methods: gradcam, layercam (each twice: maps from the NumPy engine and maps computed in the session),
+``all`` (Explainer.explain_many of the applicable methods of `--method all` without Score-CAM, timed
+against Grad-CAM alone in the same process), scorecam (its in-graph scorer; the number of distinct masks
+it scored gives the floor; ``--scorecam-channels K`` for Faster Score-CAM).
+``--cli`` also times one `onnxcam explain` call on one photo with a warm cache and prints one
+``--profile`` line. On a machine other jobs load, ``--threads 1 --clock cpu`` measures the process's CPU
+time, which their load barely moves; ratios in brackets pair each run with the forward pass timed just
+before it.
+
+    python tools/bench.py --model efficientnet --threads 1 --clock cpu --skip-torch
+    python tools/bench.py --model resnet50 --threads 1 --clock cpu --scorecam-channels 256 --skip-torch
+    python tools/bench.py --model efficientnet --methods gradcam,layercam,all --cli --skip-torch
 """
 from __future__ import annotations
 
