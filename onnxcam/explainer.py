@@ -48,8 +48,8 @@ class Explainer:
                  input_shape: tuple | None = None, threads: int | None = None, cache: bool = True,
                  maps: str = "auto"):
         """``maps``: where the gradient methods' final maps are computed: ``graph`` (ONNX ops appended
-        to the augmented model, see maps_graph.py), ``numpy`` (the reference engine), ``auto`` (the
-        graph where it is exact, see ``GRAPH_MAPS_BY_DEFAULT``)."""
+        to the augmented model where that is exact, see maps_graph.py; NumPy elsewhere), ``numpy`` (the
+        reference engine), ``auto`` (``graph`` when ``maps_graph.GRAPH_MAPS_BY_DEFAULT``)."""
         if maps not in MAPS_ENGINES:
             raise OnnxcamError(f"unknown maps engine {maps!r}; choose one of {', '.join(MAPS_ENGINES)}")
         self.maps = maps
