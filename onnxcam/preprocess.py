@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
+from ._lazy import cv2
 import numpy as np
 
 from . import layouts
