@@ -186,6 +186,8 @@ class GraphMaps:
         # inputs, fixed batches or a gradient model specialised to this batch's shape
         if not e.scored_output(x).is_classifier or e.feeds.arrays or e.feeds.fixed_batch is not None:
             return None
+        if e.model.input.elem_type != onnx.TensorProto.FLOAT:   # float16/double models: NumPy maps
+            return None
         if not any(spec.name in IN_GRAPH_METHODS for spec in specs):
             return None
         try:
