@@ -191,9 +191,12 @@ class GraphMaps:
         if not any(spec.name in IN_GRAPH_METHODS for spec in specs):
             return None
         try:
-            if e._gradient_build(x)[0] is not None:
-                return None
+            key, gradient = e._gradient_build(x)
         except OnnxcamError:
+            return None
+        # only on the generic portable gradient model: onnxruntime-training 1.19.2 crashes (segfault) when
+        # it creates a session for its own gradient graph with the maps appended
+        if key is not None or gradient.backend != "portable":
             return None
         names = tuple(spec.name for spec in specs if spec.name in IN_GRAPH_METHODS)
         spatial = e.input_spatial(x)
