@@ -45,7 +45,7 @@ MUTATIONS = [
       "/ np.asarray(self.std, np.float32)", "* np.asarray(self.std, np.float32)", PRE),
     M("mean-ignored", "preprocessing", "onnxcam/preprocess.py",
       "x = (x - np.asarray(self.mean, np.float32))", "x = (x - 0 * np.asarray(self.mean, np.float32))", PRE),
-    M("bgr-flag-ignored", "preprocessing", "onnxcam/cli.py",
+    M("bgr-flag-ignored", "preprocessing", "onnxcam/cli/options.py",
       'fields["color"] = "BGR"', 'fields["color"] = base.color', PRE),
     M("bgr-apply-ignored", "preprocessing", "onnxcam/preprocess.py",
       'image = rgb if self.color == "RGB" else rgb[..., ::-1]', "image = rgb", PRE),

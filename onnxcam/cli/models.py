@@ -1,0 +1,107 @@
+"""Commands about the model itself: `nodes` (what can be explained), `export-augmented`, `cache`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import OnnxcamError
+from ..gradients import BACKENDS
+from .app import main
+from .options import _preprocessing, _size
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def nodes(model, size, as_json):
+    """List the nodes whose output can be explained, with shapes; * marks the default."""
+    from ..model import load_model
+    from ..nodes import default_node, format_table, list_candidates
+
+    loaded = load_model(model)
+    preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
+    probe = preprocessing.probe_shape(loaded.input.shape)
+    candidates = list_candidates(loaded.proto, {loaded.input.name: probe} if probe else None)
+    if not candidates:
+        raise OnnxcamError(f"{model} has no node with a spatial output (rank 3-5); nothing to explain")
+    default = default_node(candidates, loaded.proto)
+    if as_json:
+        click.echo(json.dumps([{"node": c.name, "op_type": c.op_type, "tensor": c.tensor,
+                                "shape": list(c.shape) if c.shape else None, "scope": c.scope,
+                                "default": c.name == default.name} for c in candidates], indent=2))
+    else:
+        click.echo(format_table(candidates, default))
+
+
+@main.command("export-augmented")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--node", "node_specs", multiple=True, help="Node(s) to expose with their gradients "
+                                                          "(same forms as for explain; default auto).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--grad-backend", type=click.Choice(BACKENDS), default="portable", show_default=True,
+              help="portable runs on any ONNX Runtime build; ort-training needs a training build.")
+@click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
+@click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
+def export_augmented(model, node_specs, output, grad_backend, size, probabilities):
+    """Write the augmented model: inputs = the model's inputs + onnxcam_target_weights (N x K, zero rows =
+    arg-max class); outputs = logits, activations, d score / d activations."""
+    from pathlib import Path
+
+    from ..explainer import Explainer
+    from ..model import load_model
+    from ..outputs import write_bytes_atomic
+
+    loaded = load_model(model)
+    if loaded.path is not None and Path(output).resolve() == loaded.path.resolve():
+        raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
+    preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
+    explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
+                          layout=preprocessing.explainer_layout(loaded.input.rank),
+                          probabilities=probabilities,
+                          input_shape=preprocessing.probe_shape(loaded.input.shape))
+    augmented = explainer.augmented_gradient_model()
+    data = augmented.proto.SerializeToString()
+    if len(data) >= 2 ** 31:
+        raise OnnxcamError("the augmented model is over 2 GB, which a single ONNX file cannot hold")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(output, data, {loaded.path.resolve()} if loaded.path else set())
+    click.echo(f"wrote {output} ({augmented.backend} gradients): inputs "
+               f"{', '.join(i.name for i in augmented.proto.graph.input if i.name not in _initializers(augmented.proto))}; "
+               f"outputs {', '.join(augmented.output_names)}")
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect or empty the augmented-model cache ($ONNXCAM_CACHE_DIR, default ~/.cache/onnxcam;
+    capped at $ONNXCAM_CACHE_MAX_MB megabytes, default 2048, least recently used entries evicted)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_info(as_json):
+    """Folder, number of entries, size and cap."""
+    from ..cache import default_cache_dir
+    from ..cache_limits import info
+    facts = info(default_cache_dir())
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{facts['folder']}: {facts['entries']} entr{'y' if facts['entries'] == 1 else 'ies'}, "
+               f"{facts['bytes'] / 2**20:.1f} MB of {facts['max_bytes'] / 2**20:.0f} MB"
+               + (f", {facts['temporaries']} leftover temporary file(s)" if facts["temporaries"] else ""))
+
+
+@cache_group.command("clear")
+def cache_clear():
+    """Remove every cached model (and leftover temporaries); other files are left alone."""
+    from ..cache import default_cache_dir
+    from ..cache_limits import clear
+    folder = default_cache_dir()
+    count, freed = clear(folder)
+    click.echo(f"removed {count} cached model(s), {freed / 2**20:.1f} MB, from {folder}")
+
+
+def _initializers(proto) -> set[str]:
+    return {init.name for init in proto.graph.initializer}
