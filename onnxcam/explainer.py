@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import layouts
+from . import layouts, tokens
 from .cache import cached_model
 from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError, shape_text
@@ -43,8 +43,10 @@ class Explainer:
 
     def __init__(self, model, node: str | list[str] = "auto", provider: str = "auto",
                  grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
-                 input_shape: tuple | None = None, threads: int | None = None, cache: bool = True):
+                 input_shape: tuple | None = None, threads: int | None = None, cache: bool = True,
+                 tokens_grid: tuple | None = None, prefix_tokens: int | None = None):
         self.model: LoadedModel = load_model(model)
+        self.tokens_grid, self.prefix_tokens = tokens_grid, prefix_tokens   # see onnxcam/tokens.py
         self.provider = provider
         self.grad_backend = grad_backend
         self.probabilities = probabilities
@@ -52,7 +54,8 @@ class Explainer:
         self.cache = cache
         self.logits_name = find_logits(self.model.view, probabilities)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
-        self.candidates = list_candidates(self.model, self._probe_shapes(input_shape))
+        self._probe = self._probe_shapes(input_shape)
+        self.candidates = list_candidates(self.model, self._probe)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
@@ -167,7 +170,17 @@ class Explainer:
 
     def _check_scorecam(self) -> None:
         for node in self.nodes:
-            self.scorecam.check(node.name, len(node.shape) if node.shape is not None else None)
+            rank = len(node.shape) if node.shape is not None else None
+            self.scorecam.check(node.name, 4 if self.node_token_grid(node) is not None else rank)
+
+    def node_token_grid(self, node: NodeInfo, input_spatial: tuple | None = None):
+        """The patch grid of a token node (N, T, C) on this input size, else None (see tokens.py)."""
+        if input_spatial is None:
+            probe = (self._probe or {}).get(self.model.input.name)
+            if probe is None:
+                return None
+            input_spatial = layouts.spatial_shape(probe, self.input_layout)
+        return tokens.token_grid(node.shape, input_spatial, self.tokens_grid, self.prefix_tokens)
 
     # ---- running ------------------------------------------------------------------------------
     def check_input(self, x) -> np.ndarray:
@@ -300,6 +313,9 @@ class Explainer:
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like
+        grid = tokens.token_grid(reference.shape, self.input_spatial(x), self.tokens_grid, self.prefix_tokens)
+        if grid is not None:
+            return grid.to_map(array)
         layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)
         return layouts.to_channels_first(array, layout)
 

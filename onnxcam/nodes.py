@@ -154,8 +154,13 @@ def _needs_probe(known: tuple | None) -> bool:
 
 def default_node(candidates: list[NodeInfo], model) -> NodeInfo:
     """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
-    ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate."""
+    ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate. On a
+    transformer: the last block's first LayerNorm output (see tokens.default_transformer_node)."""
     view = view_of(model)
+    from .tokens import default_transformer_node
+    transformer = default_transformer_node(candidates, view)
+    if transformer is not None:
+        return transformer
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     producers = view.producer
     pooled = [node.input[0] for node in view.graph.node
