@@ -81,10 +81,16 @@ def _preprocessing(model, size, mean, std, scale, layout, bgr):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def nodes(model, size, as_json):
+@click.option("--tokens-grid", help="Transformer tokens: the patch grid HEIGHT,WIDTH (default: guessed "
+                                    "from the input size and the token count).")
+@click.option("--prefix-tokens", type=int, help="Transformer tokens: how many class/distillation/register "
+                                                "tokens come before the patch tokens (default: guessed).")
+def nodes(model, size, as_json, tokens_grid, prefix_tokens):
     """List the nodes whose output can be explained, with shapes; * marks the default."""
+    from . import layouts
     from .model import load_model
     from .nodes import default_node, format_table, list_candidates
+    from .tokens import grids_of, parse_grid
 
     loaded = load_model(model)
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
@@ -93,12 +99,16 @@ def nodes(model, size, as_json):
     if not candidates:
         raise OnnxcamError(f"{model} has no node with a spatial output (rank 3-5); nothing to explain")
     default = default_node(candidates, loaded.proto)
+    input_spatial = layouts.spatial_shape(probe, layouts.input_layout(probe)) if probe else None
+    grids = grids_of(candidates, input_spatial, parse_grid(tokens_grid), prefix_tokens)
     if as_json:
         click.echo(json.dumps([{"node": c.name, "op_type": c.op_type, "tensor": c.tensor,
                                 "shape": list(c.shape) if c.shape else None, "scope": c.scope,
-                                "default": c.name == default.name} for c in candidates], indent=2))
+                                "default": c.name == default.name,
+                                **({"token_grid": grids[c.tensor]} if c.tensor in grids else {})}
+                               for c in candidates], indent=2))
     else:
-        click.echo(format_table(candidates, default))
+        click.echo(format_table(candidates, default, grids))
 
 
 def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
@@ -148,14 +158,19 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@click.option("--tokens-grid", help="Transformer token nodes (N,T,C): the patch grid HEIGHT,WIDTH "
+                                    "(default: guessed from the input size and the token count).")
+@click.option("--prefix-tokens", type=int, help="Transformer token nodes: class/distillation/register "
+                                                "tokens before the patch tokens, dropped (default: guessed).")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask):
+            overwrite, no_cache, labels, target_mask, tokens_grid, prefix_tokens):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
     from .methods import get_method
     from .model import load_model
+    from .tokens import parse_grid
 
     if batch_size < 1:
         raise OnnxcamError("--batch-size must be at least 1")
@@ -168,7 +183,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     explainer = Explainer(loaded, list(node_specs) or ["auto"], provider=provider, grad_backend=grad_backend,
                           layout=layout or preprocessing.explainer_layout(loaded.input.rank),
                           probabilities=probabilities,
-                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache)
+                          input_shape=preprocessing.probe_shape(loaded.input.shape), cache=not no_cache,
+                          tokens_grid=parse_grid(tokens_grid), prefix_tokens=_prefix(prefix_tokens))
     methods = applicable_methods(explainer) if method == "all" else [get_method(method).name]
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
@@ -194,6 +210,12 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
                                "skipped": runner.skipped, "results": summaries}, indent=2))
+
+
+def _prefix(count: int | None) -> int | None:
+    if count is not None and count < 0:
+        raise OnnxcamError("--prefix-tokens must be 0 or more")
+    return count
 
 
 def read_labels(path: str) -> list[str]:

@@ -355,17 +355,20 @@ def _short_tensor(candidate: NodeInfo) -> str:
     return candidate.tensor
 
 
-def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
+def format_table(candidates: list[NodeInfo], default: NodeInfo | None,
+                 grids: dict[str, str] | None = None) -> str:
     """The `onnxcam nodes` listing: one row per candidate, `*` on the default, `-` on maps without
     spatial axes (pooled outputs cannot be explained). A tensor that repeats its node's name is
-    abbreviated to ``…<suffix>``; the node name is accepted by --node all the same."""
-    header = ("", "node", "op", "output tensor", "shape", "scope")
+    abbreviated to ``…<suffix>``; the node name is accepted by --node all the same. ``grids``: tensor →
+    its token grid (tokens.TokenGrid.text), shown in a last column when any node has one."""
+    header = ("", "node", "op", "output tensor", "shape", "scope") + (("token grid",) if grids else ())
     rows = [header]
     for candidate in candidates:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
             " " if candidate.spatial else "-")
         rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, _short_tensor(candidate),
-                     shape_text(candidate.shape), candidate.scope))
+                     shape_text(candidate.shape), candidate.scope)
+                    + ((grids.get(candidate.tensor, ""),) if grids else ()))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join(("-" if column else " ") * width for column, width in enumerate(widths)).rstrip())

@@ -105,6 +105,23 @@ def parse_grid(text: str | None) -> tuple[int, int] | None:
     return values
 
 
+def grids_of(candidates, input_spatial: tuple | None, grid: tuple | None = None,
+             prefix: int | None = None) -> dict[str, str]:
+    """tensor → its grid's description, for the rank-3 candidates of an image model (the listing)."""
+    found = {}
+    for candidate in candidates:
+        if not candidate.spatial:
+            continue
+        try:
+            tokens = token_grid(candidate.shape, input_spatial, grid, prefix)
+        except OnnxcamError:
+            found[candidate.tensor] = "no grid fits (--tokens-grid)"
+            continue
+        if tokens is not None:
+            found[candidate.tensor] = tokens.text()
+    return found
+
+
 # ---------------------------------------------------------------- default node on a ViT
 
 _NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}

@@ -149,3 +149,38 @@ def test_swin_style_channels_last_equals_autograd(tmp_path, stage):
         theirs = torch_oracle.final_maps([torch_oracle.layer_map(method, A, G)], (32, 32))
         ours = Explainer(str(path), stage, cache=False).explain(x, method=method, targets=targets).maps
         assert np.abs(ours - theirs).max() <= ATOL
+
+
+# ---------------------------------------------------------------- command line
+
+def test_cli_lists_token_grids_and_explains(tmp_path):
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+    from skimage import data
+
+    from onnxcam.cli import main
+    net = TinyViT(SIZE).eval()
+    path = export_legacy(net, torch.zeros(1, 3, *SIZE), tmp_path / "vit.onnx")
+    listing = CliRunner().invoke(main, ["nodes", str(path)])
+    assert listing.exit_code == 0, listing.output
+    rows = {line[3:].split()[0]: line for line in listing.output.splitlines()
+            if "/ln_1/" in line and not line.startswith("* default")}
+    assert rows["/encoder/layers/encoder_layer_1/ln_1/LayerNormalization"].startswith("*")
+    assert all(line.rstrip().endswith("4x6 tokens after 1 prefix token") for line in rows.values())
+    listed = json.loads(CliRunner().invoke(main, ["nodes", str(path), "--json"]).output)
+    assert {row["token_grid"] for row in listed if "ln_1" in row["scope"]} == {"4x6 tokens after 1 prefix token"}
+    photo = tmp_path / "cat.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR))
+    out = CliRunner().invoke(main, ["explain", str(path), str(photo), "--out", str(tmp_path / "out"), "--npy",
+                                    "--tokens-grid", "4,6", "--prefix-tokens", "1", "--json"])
+    assert out.exit_code == 0, out.output
+    cam = np.load(tmp_path / "out" / "cat_gradcam.npy")
+    assert cam.shape == SIZE and cam.max() == pytest.approx(1.0)
+    bad = CliRunner().invoke(main, ["explain", str(path), str(photo), "--out", str(tmp_path / "bad"),
+                                    "--tokens-grid", "6,6"])
+    assert bad.exit_code == 1
+    assert bad.output.startswith("error: cannot lay the tokens of shape (1, 25, 24) on a patch grid of the "
+                                 "32x48 input with --tokens-grid 6,6")
+    assert not (tmp_path / "bad" / "cat_gradcam.png").exists()
