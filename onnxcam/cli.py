@@ -90,7 +90,7 @@ def nodes(model, size, as_json, tokens_grid, prefix_tokens):
     from . import layouts
     from .model import load_model
     from .nodes import default_node, format_table, list_candidates
-    from .tokens import grids_of, parse_grid
+    from .tokens import grids_of, is_transformer, parse_grid
 
     loaded = load_model(model)
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
@@ -100,7 +100,9 @@ def nodes(model, size, as_json, tokens_grid, prefix_tokens):
         raise OnnxcamError(f"{model} has no node with a spatial output (rank 3-5); nothing to explain")
     default = default_node(candidates, loaded.proto)
     input_spatial = layouts.spatial_shape(probe, layouts.input_layout(probe)) if probe else None
-    grids = grids_of(candidates, input_spatial, parse_grid(tokens_grid), prefix_tokens)
+    grid = parse_grid(tokens_grid)
+    reads_tokens = grid is not None or prefix_tokens is not None or is_transformer(loaded)
+    grids = grids_of(candidates, input_spatial, grid, prefix_tokens) if reads_tokens else {}
     if as_json:
         click.echo(json.dumps([{"node": c.name, "op_type": c.op_type, "tensor": c.tensor,
                                 "shape": list(c.shape) if c.shape else None, "scope": c.scope,

@@ -56,6 +56,7 @@ class Explainer:
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
         self._probe = self._probe_shapes(input_shape)
         self.candidates = list_candidates(self.model, self._probe)
+        self._tokens = tokens_grid is not None or prefix_tokens is not None or tokens.is_transformer(self.model)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
@@ -180,6 +181,8 @@ class Explainer:
             if probe is None:
                 return None
             input_spatial = layouts.spatial_shape(probe, self.input_layout)
+        if not self._tokens:
+            return None
         return tokens.token_grid(node.shape, input_spatial, self.tokens_grid, self.prefix_tokens)
 
     # ---- running ------------------------------------------------------------------------------
@@ -313,7 +316,8 @@ class Explainer:
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like
-        grid = tokens.token_grid(reference.shape, self.input_spatial(x), self.tokens_grid, self.prefix_tokens)
+        grid = tokens.token_grid(reference.shape, self.input_spatial(x), self.tokens_grid,
+                                 self.prefix_tokens) if self._tokens else None
         if grid is not None:
             return grid.to_map(array)
         layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)

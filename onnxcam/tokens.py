@@ -10,7 +10,9 @@ the transpose) cannot be told from (N, T, C) by its shape alone, so it is not gu
 
 The grid is guessed from the input's spatial size: the smallest P such that T - P = h·w with h and w
 the input's height and width shrunk by one common stride (a patch size); ``--tokens-grid H,W`` and
-``--prefix-tokens P`` override the guess when it is ambiguous or wrong.
+``--prefix-tokens P`` override the guess when it is ambiguous or wrong. Rank-3 tensors are read as
+tokens on transformers only (a LayerNorm over the last axis of a rank-3 tensor in the graph) or when
+the user gives either override.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .errors import OnnxcamError
 from .graph import view_of
 
 MAX_PREFIX = 16          # class + distillation + registers; DINOv2 with registers has 5
+_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,20 @@ def parse_grid(text: str | None) -> tuple[int, int] | None:
     return values
 
 
+def is_transformer(model) -> bool:
+    """True when the graph normalises rank-3 tensors over their last axis (LayerNorm on tokens), as
+    ViT, DeiT and Swin do. Only then is a rank-3 activation read as tokens: a CNN's (N, C, H·W)
+    reshape has the same shape as a short token sequence, and keeps its (N, C, L) reading."""
+    view = view_of(model)
+    for node in view.graph.node:
+        if node.op_type in _NORMS and node.input:
+            rank = view.rank(node.input[0])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            if rank in (3, None) and axis in (-1, 2):
+                return True
+    return False
+
+
 def grids_of(candidates, input_spatial: tuple | None, grid: tuple | None = None,
              prefix: int | None = None) -> dict[str, str]:
     """tensor → its grid's description, for the rank-3 candidates of an image model (the listing)."""
@@ -123,9 +140,6 @@ def grids_of(candidates, input_spatial: tuple | None, grid: tuple | None = None,
 
 
 # ---------------------------------------------------------------- default node on a ViT
-
-_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
-
 
 def _reaches_attention(view, tensor: str) -> bool:
     """A Softmax is met going forward from ``tensor`` before the next normalisation: the tensor feeds
