@@ -164,9 +164,21 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
                                     "(default: guessed from the input size and the token count).")
 @click.option("--prefix-tokens", type=int, help="Transformer token nodes: class/distillation/register "
                                                 "tokens before the patch tokens, dropped (default: guessed).")
+@click.option("--detection-format", type=click.Choice(["auto", "yolov8", "yolov5"]), default=None,
+              help="YOLO-style raw head: yolov8 (N,4+K,A) or yolov5 (N,A,5+K); auto tells them apart by "
+                   "shape. Detectors are recognised by their output shape without it.")
+@click.option("--detection", "detection_index", type=int,
+              help="Detectors: explain the K-th detection after NMS, by confidence (0 = best; default 0).")
+@click.option("--box", help="Detectors: explain the prediction whose box best overlaps X1,Y1,X2,Y2 "
+                            "(image pixels).")
+@click.option("--confidence", type=float, default=0.25, show_default=True,
+              help="Detectors: confidence threshold before NMS.")
+@click.option("--iou", "iou_threshold", type=float, default=0.45, show_default=True,
+              help="Detectors: NMS IoU threshold.")
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
-            overwrite, no_cache, labels, target_mask, tokens_grid, prefix_tokens):
+            overwrite, no_cache, labels, target_mask, tokens_grid, prefix_tokens, detection_format,
+            detection_index, box, confidence, iou_threshold):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
@@ -192,18 +204,26 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
         raise OnnxcamError("--target-mask needs --target CLASS: the class whose logits the mask sums")
-    runner = FileExplainer(explainer, preprocessing, out_dir, methods,
-                           target=_target(target, class_names), target_mask=mask, class_names=class_names,
-                           top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
-                           overwrite=overwrite, max_channels=max_channels,
-                           progress=_progress_printer("score-cam", "masked inputs"),
-                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
+    options = dict(target=_target(target, class_names), target_mask=mask, class_names=class_names,
+                   top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
+                   overwrite=overwrite, max_channels=max_channels,
+                   progress=_progress_printer("score-cam", "masked inputs"),
+                   batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size))
+    if _detector(explainer, detection_format, detection_index, box, mask):
+        from .detection_files import DetectionFileExplainer
+        runner = DetectionFileExplainer(explainer, preprocessing, out_dir, methods, fmt=detection_format or "auto",
+                                        detection_index=detection_index, box=_box(box), confidence=confidence,
+                                        iou_threshold=iou_threshold, **options)
+    else:
+        runner = FileExplainer(explainer, preprocessing, out_dir, methods, **options)
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
         if not as_json:
             name = f" ({result.class_name})" if result.class_name else ""
             rank = f" top{result.rank}" if top_k else ""
+            found = getattr(result, "detection", None)
+            rank += f" box {','.join(f'{v:g}' for v in found['box'])}" if found else ""
             click.echo(f"{result.path}: class {result.target}{name}{rank} score {result.score:.4f} "
                        f"node {','.join(result.nodes)} {result.method} {result.seconds * 1000:.1f} ms"
                        f" -> {', '.join(str(p) for p in result.written)}")
@@ -212,6 +232,33 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     if as_json:
         click.echo(json.dumps({"model": str(model), "backend": explainer.gradient_backend_used,
                                "skipped": runner.skipped, "results": summaries}, indent=2))
+
+
+def _detector(explainer, fmt, index, box, mask) -> bool:
+    """Explain as a detector: asked for by a detection flag, or the model has NMS inside or a raw
+    YOLO-shaped first output (and no --target-mask says it is a map)."""
+    from .detection import looks_like_detector, nms_node
+    if fmt is not None or index is not None or box is not None:
+        return True
+    if mask is not None:
+        return False
+    view = explainer.model.view
+    if nms_node(view) is not None:
+        return True
+    shape = view.static_shape(explainer.logits_name)
+    if shape is not None and len(shape) == 3 and None in shape[1:] and explainer.probe_shape is not None:
+        import numpy as np     # the head's length is symbolic: measure it on the probe input
+        shape = explainer.forward(np.zeros(explainer.probe_shape, np.float32))[0].shape
+    return looks_like_detector(shape)
+
+
+def _box(text: str | None):
+    if text is None:
+        return None
+    values = _floats(text, "--box")
+    if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
+        raise OnnxcamError(f"--box {text!r} must be X1,Y1,X2,Y2 in image pixels with X2 > X1 and Y2 > Y1")
+    return values
 
 
 def _prefix(count: int | None) -> int | None:

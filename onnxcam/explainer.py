@@ -94,6 +94,11 @@ class Explainer:
         return {spec.name: probe} if probe else None
 
     @property
+    def probe_shape(self) -> tuple | None:
+        """A concrete input shape (batch 1) for this model, when one is known."""
+        return (self._probe or {}).get(self.model.input.name)
+
+    @property
     def tensors(self) -> list[str]:
         return [n.tensor for n in self.nodes]
 
@@ -177,7 +182,7 @@ class Explainer:
     def node_token_grid(self, node: NodeInfo, input_spatial: tuple | None = None):
         """The patch grid of a token node (N, T, C) on this input size, else None (see tokens.py)."""
         if input_spatial is None:
-            probe = (self._probe or {}).get(self.model.input.name)
+            probe = self.probe_shape
             if probe is None:
                 return None
             input_spatial = layouts.spatial_shape(probe, self.input_layout)
@@ -294,7 +299,9 @@ class Explainer:
             outputs = self.forward(x)
         logits = outputs[0]
         map_weights = None            # map outputs (N, K, *S): the target planes the score sums over
-        if logits.ndim > 2:
+        if logits.ndim > 2 and targets is None and not spec.needs_target:   # EigenCAM: nothing to score
+            chosen, scores = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
+        elif logits.ndim > 2:
             map_weights = self.target_weights(logits.shape, targets, mask)
             chosen = targets
             scores = (logits * map_weights).reshape(n, -1).sum(1)

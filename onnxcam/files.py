@@ -179,13 +179,21 @@ class FileExplainer:
             for i, item in enumerate(items):
                 yield from self._write(item, i, explanations, rank, rank_tag, protected)
 
+    def _picture(self, item: InputItem, i: int, method: str, cam: np.ndarray) -> np.ndarray:
+        """The picture written for sample ``i`` of the batch (detectors draw their box on it)."""
+        return draw(item, cam, self.alpha)
+
+    def _result(self, result: FileResult, i: int) -> FileResult:
+        """The result reported for sample ``i`` of the batch (detectors add the box)."""
+        return result
+
     def _write(self, item, i, explanations, rank, rank_tag, protected):
         results = []
         panels = [render.label_panel(item.rgb if item.rgb is not None else render.render_input(item.x),
                                       "input")] if len(explanations) > 1 else []
         for method, explanation in explanations.items():
             cam = explanation.maps[i]
-            picture = draw(item, cam, self.alpha)
+            picture = self._picture(item, i, method, cam)
             stem = output_stem(item.path, method, rank_tag)
             written = []
             if len(explanations) == 1:
@@ -195,9 +203,9 @@ class FileExplainer:
             if self.save_npy or item.rgb is None:
                 written.append(outputs.write_npy(self.out_dir / f"{stem}.npy", cam, protected))
             target = int(explanation.targets[i])
-            results.append(FileResult(item.path, method, rank, target, self.class_name(target),
-                                      float(explanation.scores[i]), explanation.nodes,
-                                      explanation.seconds / len(explanation.maps), written, cam))
+            results.append(self._result(FileResult(item.path, method, rank, target, self.class_name(target),
+                                                   float(explanation.scores[i]), explanation.nodes,
+                                                   explanation.seconds / len(explanation.maps), written, cam), i))
         if panels:
             grid_path = outputs.write_png(self.out_dir / (output_stem(item.path, "all", rank_tag) + ".png"),
                                           render.grid(panels, columns=min(5, len(panels))), protected)
