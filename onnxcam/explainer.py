@@ -21,6 +21,7 @@ from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
 from .runtime import Runner
 from .scorecam import ScoreCam
+from .shape_fill import with_measured_shapes
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
                       find_logits)
 
@@ -111,7 +112,8 @@ class Explainer:
             return self._gradient_model[0]
 
         def build() -> onnx.ModelProto:
-            return build_gradient_augmented_model(self.model, self.tensors, self.grad_backend,
+            model = replace(self.model, proto=with_measured_shapes(self.model.proto, self._probe))
+            return build_gradient_augmented_model(model, self.tensors, self.grad_backend,
                                                   self.probabilities).proto
 
         if not self.cache:

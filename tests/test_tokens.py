@@ -20,7 +20,7 @@ from torch_export import export_dynamo, export_legacy  # noqa: E402
 from vit_models import SwinStyle, TinyViT, photo_batch, vit_reshape_transform  # noqa: E402
 
 # measured (both exporters, float32 ONNX vs float64 torch maps): <= 1.4e-6 for the gradient methods and
-# EigenCAM, 1.5e-5 for Score-CAM (float32 scores of masked inputs through a softmax over channels);
+# EigenCAM, 3.3e-5 for Score-CAM (float32 scores of masked inputs through a softmax over channels);
 # about 10x, and never looser than the 1e-4
 ATOL = 1.5e-5
 ATOL_SCORECAM = 1e-4
@@ -67,8 +67,10 @@ def test_to_map_is_the_documented_reshape():
 def vit(request, tmp_path_factory):
     net = TinyViT(SIZE).eval()
     path = tmp_path_factory.mktemp("vit") / f"vit_{request.param}.onnx"
-    export = export_legacy if request.param == "legacy" else export_dynamo
-    export(net, torch.zeros(1, 3, *SIZE), path)
+    if request.param == "legacy":
+        export_legacy(net, torch.zeros(1, 3, *SIZE), path)
+    else:   # an example batch of 1 lets torch.export specialise nn.MultiheadAttention's batch to 1
+        export_dynamo(net, torch.zeros(2, 3, *SIZE), path)
     return net, path, photo_batch(SIZE, 3)
 
 

@@ -2,8 +2,8 @@
 and module names (torchvision itself does not import next to the test environment's torch 2.13):
 ``conv_proj`` patch conv, ``class_token``, ``encoder.pos_embedding``, blocks
 ``encoder.layers.encoder_layer_i`` = ln_1 → self_attention → residual → ln_2 → mlp → residual,
-``encoder.ln``, ``heads.head`` on the class token. Attention is written out (qkv, Softmax over the
-keys, proj) so its probabilities are a module output (``attn_drop``, an Identity), where LeGrad reads them.
+``encoder.ln``, ``heads.head`` on the class token; attention is a batch-first nn.MultiheadAttention
+called as torchvision calls it (``need_weights=False``), which torchcam's LeGrad hooks.
 
 Also a Swin-style net whose stage outputs are channels-last (N, H, W, C) and (N, H·W, C)."""
 from __future__ import annotations
@@ -15,33 +15,17 @@ import torch
 from torch import nn
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.scale = (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.attn_drop = nn.Identity()          # its output: the attention probabilities (N, h, T, T)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        n, t, c = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-        return self.proj((attn @ v).transpose(1, 2).reshape(n, t, c))
-
-
 class EncoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
-        self.self_attention = Attention(dim, heads)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
 
     def forward(self, x):
-        x = x + self.self_attention(self.ln_1(x))
+        y = self.ln_1(x)
+        x = x + self.self_attention(y, y, y, need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
 
 
