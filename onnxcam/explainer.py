@@ -15,7 +15,8 @@ from .classifier_head import find_classifier_weights
 from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
-from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
+from .legrad import LeGradBlocks
+from .methods import ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
@@ -75,7 +76,11 @@ class Explainer:
             CLASS_WEIGHTS: (self._check_classifier_heads,
                             lambda batch, i: self.classifier_head(self.nodes[i]).weight[batch.chosen]),
             CHANNEL_SCORES: (self._check_scorecam, self._scorecam_weights),
+            ATTENTION_GRADIENTS: (lambda: self.legrad.blocks(), lambda batch, i: self.legrad.gradients(
+                i, batch.x, batch.chosen, self.num_classes(batch.x))),
         }
+        self.legrad = LeGradBlocks(self.model, self.nodes, self.candidates, grad_backend, provider, threads,
+                                   self._probe)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
@@ -320,7 +325,10 @@ class Explainer:
                                                         for need in spec.needs}))
                       for i, a in enumerate(activations)]
         size = self.input_spatial(x)
-        maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
+        if spec.fuse_raw:     # LeGrad: the blocks' maps averaged before the one normalisation
+            maps = fuse_layers([layer_to_input(np.mean(layer_maps, axis=0), size)])
+        else:
+            maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
         return (maps.astype(np.float32), logits, batch.chosen, scores.astype(np.float32), layer_maps)
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
