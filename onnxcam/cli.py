@@ -131,7 +131,8 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
               help="Node to explain: node name, output tensor, module scope (layer4), scope/op "
                    "(/layer4/Relu), Keras layer name, or auto. Repeat to fuse several layers.")
 @click.option("--method", default="gradcam", show_default=True,
-              help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam, cam, or all.")
+              help="gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam, scorecam, cam, legrad "
+                   "(vision transformers), or all.")
 @click.option("--target", help="Class to explain (index or class name); default: the top class.")
 @click.option("--top-k", type=int, help="Explain each of the K top classes (one map per class).")
 @click.option("--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
