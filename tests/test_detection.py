@@ -18,7 +18,7 @@ import torch_oracle  # noqa: E402
 from onnxcam import Explainer  # noqa: E402
 from torch_export import export_legacy  # noqa: E402
 from vit_models import photo_batch  # noqa: E402
-from yolo_models import TinyYolo  # noqa: E402
+from tiny_yolo import TinyYolo  # noqa: E402
 
 SIZE = (64, 64)
 # measured: <= 7.2e-7 (gradcam, hirescam, layercam; both layouts); about 10x

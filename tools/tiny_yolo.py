@@ -11,18 +11,19 @@ from torch import nn
 
 
 class TinyYolo(nn.Module):
-    def __init__(self, fmt: str = "yolov8", classes: int = 3, seed: int = 0):
+    def __init__(self, fmt: str = "yolov8", classes: int = 3, seed: int = 0, width: int = 1):
         super().__init__()
         torch.manual_seed(seed)
         self.fmt, self.classes = fmt, classes
         out = 4 + classes + (1 if fmt == "yolov5" else 0)
+        c1, c2, c3 = 8 * width, 16 * width, 24 * width
         self.backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.SiLU())              # stride 8
-        self.down = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.SiLU())   # stride 16
-        self.head8 = nn.Conv2d(16, out, 1)
-        self.head16 = nn.Conv2d(24, out, 1)
+            nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(c2, c2, 3, stride=2, padding=1), nn.SiLU())              # stride 8
+        self.down = nn.Sequential(nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.SiLU())   # stride 16
+        self.head8 = nn.Conv2d(c2, out, 1)
+        self.head16 = nn.Conv2d(c3, out, 1)
         self.anchors = (12.0, 28.0)
 
     def _decode(self, raw, stride: int, anchor: float):
