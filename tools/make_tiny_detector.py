@@ -73,7 +73,7 @@ def held_out_rate(model: TinyYolo, images, labels, boxes) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".cache/models/shapes_yolo.onnx"))
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=500)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -93,8 +93,9 @@ def main():
         value.backward()
         optimiser.step()
         schedule.step()
-        if step % 500 == 0:
-            print(f"step {step} loss {value.item():.4f}", file=sys.stderr)
+        if step % 100 == 0:
+            print(f"step {step}/{args.steps} loss {value.item():.4f} ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
     model.eval()
     test = shapes_data.make_dataset(500, shapes_data.HELD_OUT_SEED)
     rate = held_out_rate(model, *test)
