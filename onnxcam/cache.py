@@ -5,20 +5,23 @@ model and request reads the result back instead. The cache is best-effort by des
 missing, truncated or corrupt is rebuilt, and a directory that cannot be written just turns caching
 off — caching never makes an explanation fail.
 
-Each file holds a short header (magic + sha256 of the payload) before the serialized model, so a
-truncated or damaged file is recognised for certain, not parsed into a half model. Writes go to a
-temporary file in the same directory and are renamed into place (atomic on POSIX and Windows).
+The folder is capped at ``$ONNXCAM_CACHE_MAX_MB`` (least recently used entries go first; see
+``cache_limits``). Each file holds a short header (magic + sha256 of the payload) before the serialized model, so a
+truncated or damaged file is recognised for certain, not parsed into a half model. Writes go through
+``atomic.write_atomic``, the same as every output file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+
+from . import cache_limits
+from .atomic import write_atomic
 
 CACHE_ENV = "ONNXCAM_CACHE_DIR"
 _MAGIC = b"ONNXCAM-CACHE-1\n"
@@ -75,22 +78,11 @@ def _write(path: Path, proto: onnx.ModelProto) -> bool:
         payload = proto.SerializeToString()
     except Exception:   # over protobuf's 2 GB limit
         return False
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_MAGIC)
-            handle.write(hashlib.sha256(payload).digest())
-            handle.write(payload)
-        os.replace(tmp, path)
+        write_atomic(path, [_MAGIC, hashlib.sha256(payload).digest(), payload])
         return True
-    except OSError:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    except (OSError, MemoryError):
         return False
 
 
@@ -113,8 +105,10 @@ def cached_model(parts: dict, model_proto: onnx.ModelProto | bytes,
     path = path / f"{cache_key(parts, model_bytes)}.onnxcam"
     hit = _read(path)
     if hit is not None:
+        cache_limits.touch(path)
         return hit
     proto = build()
-    if proto.ByteSize() <= MAX_CACHED_BYTES:
-        _write(path, proto)
+    limit = cache_limits.max_bytes()
+    if proto.ByteSize() <= min(MAX_CACHED_BYTES, limit) and _write(path, proto):
+        cache_limits.evict(path.parent, keep=path, limit=limit)
     return proto

@@ -9,9 +9,9 @@ Raw heads, one row per prediction ("anchor") a:
 
 Boxes are in the model input's pixels. The explained score is one entry of the raw head, the class
 score of one prediction: z[n, 4+c, a] (yolov8) or z[n, a, 5+c] (yolov5). onnxcam's score head is
-``Σ z·W``, so the target is a W that is one at that entry and zero elsewhere — passed to the Explainer
-as its usual (class, mask) pair for map outputs (N, K, *positions): class 4+c with a one-hot mask over
-the A predictions (yolov8), or "class" a with a one-hot mask over its 5+K columns (yolov5).
+``Σ z·W``, so the target is a W that is one at that entry and zero elsewhere (``head_weights``) —
+passed to the Explainer as its usual (class, mask) pair for outputs with positions, read from W in
+the Explainer's canonical (N, K, *positions) order (``as_targets``).
 
 Models that run NMS inside the graph (a NonMaxSuppression node; outputs boxes, scores, classes) keep
 no differentiable per-prediction score as their output: only EigenCAM (no target) runs on them.
@@ -165,16 +165,25 @@ def choose(raw: np.ndarray, fmt: str, index: int | None = None, box=None, target
     return found[k]
 
 
-def target_pair(detection: Detection, fmt: str, shape: tuple) -> tuple[int, np.ndarray]:
-    """The Explainer's (target, mask) for one sample's chosen prediction in a raw head of ``shape``
-    (N, ·, ·): W = 1 at z[4+c, a] (yolov8) or z[a, 5+c] (yolov5), 0 elsewhere."""
-    if fmt == "yolov8":
-        mask = np.zeros(shape[2], np.float32)
-        mask[detection.prediction] = 1.0
-        return 4 + detection.class_id, mask
-    mask = np.zeros(shape[2], np.float32)
-    mask[5 + detection.class_id] = 1.0
-    return detection.prediction, mask
+def head_weights(chosen: list[Detection], fmt: str, shape: tuple) -> np.ndarray:
+    """W for a raw head of ``shape`` (N, ·, ·) in its own axis order: per sample one at the chosen
+    prediction's class score, z[n, 4+c, a] (yolov8) or z[n, a, 5+c] (yolov5), zero elsewhere."""
+    weights = np.zeros(shape, np.float32)
+    for n, found in enumerate(chosen):
+        if fmt == "yolov8":
+            weights[n, 4 + found.class_id, found.prediction] = 1.0
+        else:
+            weights[n, found.prediction, 5 + found.class_id] = 1.0
+    return weights
+
+
+def as_targets(canonical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot W in the Explainer's canonical order (N, K, *positions) → its (targets, target_mask):
+    per sample the class row holding the one, and that row as the mask over positions."""
+    n = canonical.shape[0]
+    rows = canonical.reshape(n, canonical.shape[1], -1).any(axis=2)
+    targets = rows.argmax(axis=1).astype(np.int64)
+    return targets, np.ascontiguousarray(canonical[np.arange(n), targets])
 
 
 def nms_node(view) -> str | None:

@@ -59,17 +59,16 @@ class DetectionFileExplainer(FileExplainer):
         self._chosen = [None] * len(items)
         targets = masks = None
         if self.needs_prediction:
-            raw = self.explainer.forward(x)[0]
+            scored = self.explainer.scored_output(x)
+            raw = scored.own(self.explainer.forward(x)[0])          # the head in its own axis order
             fmt = detection.detection_format(raw.shape, self.fmt)
-            pairs = []
             for i, (sx, sy) in enumerate(self._scales):
                 box = None if self.box is None else (self.box[0] / sx, self.box[1] / sy,
                                                      self.box[2] / sx, self.box[3] / sy)
                 self._chosen[i] = detection.choose(raw[i], fmt, self.detection_index, box, self.target,
                                                    self.confidence, self.iou_threshold)
-                pairs.append(detection.target_pair(self._chosen[i], fmt, raw.shape))
-            targets = np.array([p[0] for p in pairs], np.int64)
-            masks = np.stack([p[1] for p in pairs])
+            targets, masks = detection.as_targets(scored.canonical(detection.head_weights(self._chosen, fmt,
+                                                                                          raw.shape)))
         explanations: dict[str, Explanation] = {}
         for method in self.methods:
             scored = method != "eigencam"
@@ -90,13 +89,14 @@ class DetectionFileExplainer(FileExplainer):
         return detection.draw_detection(picture, (x1 * sx, y1 * sy, x2 * sx, y2 * sy),
                                         f"{name} {found.score:.2f}")
 
-    def _result(self, result: FileResult, i: int) -> FileResult:
+    def _result(self, item, i, method, explanation, rank, written) -> FileResult:
+        result = super()._result(item, i, method, explanation, rank, written)
         found = self._chosen[i]
         values = {f.name: getattr(result, f.name) for f in fields(FileResult)}
         if found is None:
             values.update(target=-1, class_name=None, score=float("nan"))
         else:
             values.update(target=found.class_id, class_name=self.class_name(found.class_id))
-        if result.method == "eigencam":
+        if method == "eigencam":
             values["score"] = float("nan")
         return DetectionResult(**values, detection=None if found is None else found.summary(self._scales[i]))

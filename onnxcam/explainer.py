@@ -20,11 +20,12 @@ from .methods import ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIEN
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, list_candidates, resolve_node
+from .feeds import InputFeeds, run_in_pieces
 from .runtime import Runner
 from .scorecam import ScoreCam
-from .shape_fill import with_measured_shapes
+from .targets import ScoredOutput, checked_targets, locate_axes, target_weights
 from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
-                      find_logits)
+                      find_logits, specialise_shapes)
 
 
 @dataclass
@@ -46,30 +47,43 @@ class Explainer:
     def __init__(self, model, node: str | list[str] = "auto", provider: str = "auto",
                  grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
                  input_shape: tuple | None = None, threads: int | None = None, cache: bool = True,
-                 tokens_grid: tuple | None = None, prefix_tokens: int | None = None):
-        self.model: LoadedModel = load_model(model)
+                 input: str | None = None, feeds: dict | None = None, output: str | None = None,
+                 class_axis: int | None = None, tokens_grid: tuple | None = None,
+                 prefix_tokens: int | None = None):
+        """``input``: the input to explain (multi-input models; the others come from ``feeds``, name ->
+        array, one sample or one row per sample); ``output``: the output to score (default: the first,
+        or the Softmax input); ``class_axis``: its class axis when the guess (targets.py) is wrong."""
+        self.model: LoadedModel = load_model(model, input)
         self.tokens_grid, self.prefix_tokens = tokens_grid, prefix_tokens   # see onnxcam/tokens.py
+        self.feeds = InputFeeds(self.model, feeds)
+        self.class_axis = class_axis
+        self.output = output
+        self._output: ScoredOutput | None = None
         self.provider = provider
         self.grad_backend = grad_backend
         self.probabilities = probabilities
         self.threads = threads
         self.cache = cache
-        self.logits_name = find_logits(self.model.view, probabilities)
+        self.logits_name = find_logits(self.model.view, probabilities, output)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
+        self._probe_shape = self._explained_probe_shape(input_shape)
         self._probe = self._probe_shapes(input_shape)
         self.candidates = list_candidates(self.model, self._probe)
         self._tokens = tokens_grid is not None or prefix_tokens is not None or tokens.is_transformer(self.model)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
-        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates) for spec in specs]
-        self._gradient_model: tuple[AugmentedModel, Runner] | None = None
+        self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates, self.logits_name)
+                                      for spec in specs]
+        self._gradient_models: dict[tuple | None, AugmentedModel] = {}   # None: for every input shape
+        self._gradient_runners: dict[tuple | None, Runner] = {}
+        self._generic_failure: OnnxcamError | None = None
+        self._last_gradient_model: AugmentedModel | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
-        self._static_logits_shape: tuple | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
-        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x: self.forward(x)[0], provider,
-                                 threads, probabilities)
+        self.scorecam = ScoreCam(self.model, self.input_layout, lambda x, sample: self.forward(x, sample)[0],
+                                 provider, threads, probabilities, self.feeds.for_batch, output)
         # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
         self._needs = {
             GRADIENTS: (self.gradient_session, lambda batch, i: batch.gradients[i]),
@@ -84,62 +98,100 @@ class Explainer:
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
+        others = {name: (1, *array.shape[1:]) for name, array in self.feeds.arrays.items()}
+        explained = self._explained_probe_shape(input_shape)
+        if explained is None:
+            return others or None
+        return {self.model.input.name: explained, **others}
+
+    def _explained_probe_shape(self, input_shape: tuple | None) -> tuple | None:
         spec = self.model.input
         if input_shape is not None:
-            return {spec.name: tuple(input_shape)}
+            return tuple(input_shape)
         if spec.shape is None:
             return None
         dims = [1 if i == 0 else d for i, d in enumerate(spec.shape)]
         if all(isinstance(d, int) and d > 0 for d in dims):
-            return {spec.name: tuple(dims)}
+            return tuple(dims)
         if len(dims) != 4:
             return None
         layout = "NCHW" if self.input_layout == layouts.FIRST else "NHWC"
         preprocessing = replace(Preprocessing.from_metadata(self.model.preprocess, spec.shape), layout=layout)
-        probe = preprocessing.probe_shape(spec.shape)
-        return {spec.name: probe} if probe else None
+        return preprocessing.probe_shape(spec.shape)
 
     @property
     def probe_shape(self) -> tuple | None:
         """A concrete input shape (batch 1) for this model, when one is known."""
-        return (self._probe or {}).get(self.model.input.name)
+        return self._probe_shape
 
     @property
     def tensors(self) -> list[str]:
         return [n.tensor for n in self.nodes]
 
-    def augmented_gradient_model(self) -> AugmentedModel:
+    def augmented_gradient_model(self, x: np.ndarray | None = None) -> AugmentedModel:
         """The one model with logits, activations and their gradients (built without a session).
 
         Built once per (model bytes, nodes, backend, ...) and kept in the on-disk cache, so a second
-        run on the same model skips surgery and gradient building."""
-        if self._gradient_model is not None:
-            return self._gradient_model[0]
+        run on the same model skips surgery and gradient building. When the backward graph needs
+        shapes the model only computes at run time (tf2onnx and paddle2onnx exports), the model is
+        specialised to the shape of the batch ``x`` (or of the probe input) and built for that shape."""
+        return self._gradient_build(x)[1]
 
+    def _gradient_build(self, x: np.ndarray | None) -> tuple[tuple | None, AugmentedModel]:
+        if self._generic_failure is None:
+            if None not in self._gradient_models:
+                try:
+                    self._gradient_models[None] = self._built_gradient_model(None)
+                except OnnxcamError as exc:
+                    if self.grad_backend == "ort-training":
+                        raise
+                    self._generic_failure = exc
+            if self._generic_failure is None:
+                return None, self._gradient_models[None]
+        feeds = self._specialisation_feeds(x)
+        if feeds is None:
+            raise self._generic_failure
+        key = tuple(sorted((name, tuple(value.shape)) for name, value in feeds.items()))
+        if key not in self._gradient_models:
+            self._gradient_models[key] = self._built_gradient_model(feeds)
+        return key, self._gradient_models[key]
+
+    def _specialisation_feeds(self, x: np.ndarray | None) -> dict | None:
+        if x is None:
+            if self._probe_shape is None or None in self._probe_shape:
+                return None
+            x = np.zeros(self._probe_shape, np.float32)
+        return {self.model.input.name: x, **self.feeds.for_batch(len(x))}
+
+    def _built_gradient_model(self, feeds: dict | None) -> AugmentedModel:
         def build() -> onnx.ModelProto:
-            model = replace(self.model, proto=with_measured_shapes(self.model.proto, self._probe))
+            model = self.model if feeds is None else specialise_shapes(self.model, feeds)
             return build_gradient_augmented_model(model, self.tensors, self.grad_backend,
-                                                  self.probabilities).proto
+                                                  self.probabilities, self.output).proto
 
         if not self.cache:
             proto = build()
         else:
             parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
-                     "probabilities": self.probabilities, "training_runtime": ort_training_available()}
+                     "probabilities": self.probabilities, "output": self.output,
+                     "training_runtime": ort_training_available(),
+                     "specialised_to": None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}}
             proto = cached_model(parts, self.model.proto, build)
         return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
                                                   self.tensors)
 
-    def gradient_session(self) -> tuple[AugmentedModel, Runner]:
-        if self._gradient_model is None:
-            augmented = self.augmented_gradient_model()
-            self._gradient_model = (augmented, Runner(augmented.proto, augmented.output_names,
-                                                      self.provider, self.threads))
-        return self._gradient_model
+    def gradient_session(self, x: np.ndarray | None = None) -> tuple[AugmentedModel, Runner]:
+        """The gradient model and its session (for the batch ``x`` when it had to be specialised)."""
+        key, augmented = self._gradient_build(x)
+        if key not in self._gradient_runners:
+            self._gradient_runners[key] = Runner(augmented.proto, augmented.output_names, self.provider,
+                                                 self.threads)
+        self._last_gradient_model = augmented
+        return augmented, self._gradient_runners[key]
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
-            augmented = build_forward_model(self.model, self.tensors, self.probabilities)
+            augmented = build_forward_model(self.model, self.tensors, self.probabilities, self.output)
             self._forward_model = (augmented, Runner(augmented.proto, augmented.output_names,
                                                      self.provider, self.threads))
         return self._forward_model
@@ -152,30 +204,55 @@ class Explainer:
 
     @property
     def gradient_backend_used(self) -> str | None:
-        return self._gradient_model[0].backend if self._gradient_model else None
+        return self._last_gradient_model.backend if self._last_gradient_model else None
 
     def num_classes(self, x: np.ndarray) -> int:
         """K: the class axis of the scored output."""
         return self._logits_shape(x)[1]
 
+    def scored_output(self, x: np.ndarray) -> ScoredOutput:
+        """Where the scored output keeps its batch and class axes (found once, see targets.py)."""
+        if self._output is None:
+            def probe(n: int) -> tuple:
+                return tuple(self._run_forward(np.repeat(x[:1], n, axis=0))[0].shape)
+            self._output = locate_axes(self.logits_name, self.model.view.shape(self.logits_name),
+                                       self.model.input.shape, self.input_layout, probe, self.class_axis)
+        return self._output
+
     def _logits_shape(self, x: np.ndarray) -> tuple:
-        """Shape of the scored output for batch ``x``: static when the graph says so, else from one
-        forward run per input shape (remembered)."""
-        if self._static_logits_shape is None:
-            shape = self.model.view.static_shape(self.logits_name)
-            static = shape is not None and all(isinstance(d, int) and d > 0 for d in shape[1:])
-            self._static_logits_shape = tuple(shape[1:]) if static else ()
-        if self._static_logits_shape:
-            return (x.shape[0], *self._static_logits_shape)
+        """Canonical shape (N, K, *positions) of the scored output for batch ``x``: static when the
+        graph says so, else from one forward run per input shape (remembered)."""
+        out = self.scored_output(x)
         key = x.shape[1:]
         if key not in self._logits_shapes:
-            self._logits_shapes[key] = tuple(self.forward(x[:1])[0].shape[1:])
+            declared = self.model.view.static_shape(self.logits_name)
+            if declared is not None and len(declared) == out.rank and all(
+                    d is not None for i, d in enumerate(declared) if i != out.batch_axis):
+                shape = out.canonical(np.empty([1 if i == out.batch_axis else d for i, d in enumerate(declared)],
+                                               np.uint8)).shape
+            else:
+                shape = self.forward(x[:1])[0].shape
+            self._logits_shapes[key] = tuple(shape[1:])
         return (x.shape[0], *self._logits_shapes[key])
 
     def check_method(self, method: str) -> None:
         """Raise OnnxcamError when ``method`` cannot run on this model and node."""
-        for need in get_method(method).needs:
+        spec = get_method(method)
+        if spec.needs:
+            self._check_nodes_feed_the_output(spec.name)
+        for need in spec.needs:
             self._needs[need][0]()
+
+    def _check_nodes_feed_the_output(self, method: str) -> None:
+        """A node the scored output does not depend on has a zero gradient and no effect on the score:
+        say so instead of drawing an empty map."""
+        upstream = self.model.view.ancestors(self.logits_name)
+        for node in self.nodes:
+            if node.tensor not in upstream:
+                raise OnnxcamError(f"node {node.name or node.tensor} does not feed the scored output "
+                                   f"{self.logits_name!r}, so {method} has nothing to measure there; pick a "
+                                   "node that does (`onnxcam nodes MODEL` marks the others with x), or use "
+                                   "--method eigencam")
 
     def _check_classifier_heads(self) -> None:
         for node in self.nodes:
@@ -204,6 +281,9 @@ class Explainer:
         if x.dtype.kind not in "fiu":
             raise OnnxcamError(f"input must be a numeric array, got dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise OnnxcamError("input holds NaN or infinite values (or values beyond float32); "
+                               "replace them before explaining")
         shape = self.model.input.shape
         if shape is not None:
             if x.ndim != len(shape):
@@ -217,29 +297,30 @@ class Explainer:
             raise OnnxcamError("the input batch is empty")
         return x
 
-    def forward(self, x: np.ndarray) -> list[np.ndarray]:
-        """Logits and activations of the chosen nodes, no gradients."""
+    def forward(self, x: np.ndarray, sample: int | None = None) -> list[np.ndarray]:
+        """The scored output in canonical (N, K, *positions) order, then the activations of the chosen
+        nodes; no gradients. A model with a fixed batch runs in pieces of it. ``sample``: every row of
+        ``x`` stands for that input (the other inputs take its row)."""
+        out = self.scored_output(x)
         augmented, runner = self.forward_session()
-        return runner.run({augmented.input_name: x})
+        outputs = run_in_pieces(runner.run, self._batched(augmented, x, sample),
+                                [out.batch_axis] + [0] * len(self.nodes), self.feeds.fixed_batch)
+        return [out.canonical(outputs[0]), *outputs[1:]]
+
+    def _run_forward(self, x: np.ndarray) -> list[np.ndarray]:
+        """One plain run of the forward model (outputs in their own order; the batch as the model takes it)."""
+        augmented, runner = self.forward_session()
+        return runner.run({name: array for name, (array, _) in self._batched(augmented, x).items()})
+
+    def _batched(self, augmented: AugmentedModel, x: np.ndarray, sample: int | None = None, **extra) -> dict:
+        """Feeds for a run over batch ``x``: name -> (array, its batch axis)."""
+        feeds = {augmented.input_name: (x, 0)}
+        feeds.update({name: (array, 0) for name, array in self.feeds.for_batch(len(x), sample).items()})
+        feeds.update(extra)
+        return feeds
 
     def input_spatial(self, x: np.ndarray) -> tuple:
         return layouts.spatial_shape(x.shape, self.input_layout)
-
-    def _targets(self, targets, n: int, num_classes: int) -> np.ndarray | None:
-        if targets is None:
-            return None
-        array = np.atleast_1d(np.asarray(targets))
-        if array.dtype.kind not in "iu":
-            raise OnnxcamError(f"targets must be class indices (integers), got {targets!r}")
-        if array.size == 1 and n > 1:
-            array = np.repeat(array, n)
-        if array.shape != (n,):
-            raise OnnxcamError(f"got {array.size} targets for {n} inputs; give one class or one per input")
-        bad = array[(array < 0) | (array >= num_classes)]
-        if bad.size:
-            raise OnnxcamError(f"target class {int(bad[0])} is out of range: the model has {num_classes} "
-                               f"classes (0-{num_classes - 1})")
-        return array.astype(np.int64)
 
     def explain(self, x, method: str = "gradcam", targets=None, batch_size: int | None = None,
                 max_channels: int | None = None, progress=None, target_mask=None) -> Explanation:
@@ -250,11 +331,13 @@ class Explainer:
         """
         start = time.perf_counter()
         spec = get_method(method)
+        if spec.needs:
+            self._check_nodes_feed_the_output(spec.name)
         x = self.check_input(x)
         n = x.shape[0]
-        wanted = self._targets(targets, n, self.num_classes(x)) if targets is not None else None
+        wanted = checked_targets(targets, n, self.num_classes(x)) if targets is not None else None
         mask = None if target_mask is None else np.asarray(target_mask, np.float32)
-        per_sample_mask = mask is not None and mask.ndim == self._output_rank(x) - 1
+        per_sample_mask = mask is not None and mask.ndim == len(self._logits_shape(x)) - 1
         step = batch_size or n
         parts = []
         for lo in range(0, n, step):
@@ -267,41 +350,21 @@ class Explainer:
         return Explanation(maps, chosen, scores, logits, spec.name, [node.name for node in self.nodes],
                            layer_maps, time.perf_counter() - start)
 
-    def _output_rank(self, x: np.ndarray) -> int:
-        return len(self._logits_shape(x))
-
     def target_weights(self, logits_shape: tuple, targets: np.ndarray | None,
                        mask: np.ndarray | None) -> np.ndarray:
-        """W for the score head: zero rows (arg-max) or one-hot rows; for map outputs, the target
-        class's plane holds the mask (or ones)."""
-        weights = np.zeros(logits_shape, np.float32)
-        n = logits_shape[0]
-        if len(logits_shape) == 2:
-            if mask is not None:
-                raise OnnxcamError("--target-mask applies to models whose output is a map (N, K, H, W); "
-                                   f"this model outputs {tuple(logits_shape)}")
-            if targets is not None:
-                weights[np.arange(n), targets] = 1.0
-            return weights
-        if targets is None:
-            raise OnnxcamError(f"the model outputs a map {tuple(logits_shape)}; say which class to explain "
-                               "with --target (and optionally --target-mask)")
-        plane = np.ones(logits_shape[2:], np.float32)
-        if mask is not None:
-            expected = tuple(logits_shape[2:])
-            if mask.shape not in (expected, (n, *expected)):
-                raise OnnxcamError(f"--target-mask has shape {mask.shape} but the model's output map is "
-                                   f"{expected}; give a mask of that size")
-            plane = mask
-        weights[np.arange(n), targets] = plane
-        return weights
+        """Canonical W for the score head (see targets.target_weights)."""
+        return target_weights(logits_shape, targets, mask)
 
     def _explain_batch(self, x, spec: Method, targets, mask, max_channels, progress, batch_size):
         n = x.shape[0]
+        out = self.scored_output(x)
         if GRADIENTS in spec.needs:
-            augmented, runner = self.gradient_session()
-            head_weights = self.target_weights(self._logits_shape(x), targets, mask)
-            outputs = runner.run({augmented.input_name: x, TARGET_WEIGHTS: head_weights})
+            augmented, runner = self.gradient_session(x)
+            head_weights = out.own(self.target_weights(self._logits_shape(x), targets, mask))
+            outputs = run_in_pieces(runner.run, self._batched(augmented, x, **{TARGET_WEIGHTS: (
+                head_weights, out.batch_axis)}), [out.batch_axis] + [0] * (2 * len(self.nodes)),
+                self.feeds.fixed_batch)
+            outputs[0] = out.canonical(outputs[0])
         else:
             outputs = self.forward(x)
         logits = outputs[0]

@@ -184,10 +184,15 @@ class GraphView:
                 inputs = [i for i in node.input if i]
                 if not is_default_domain(node) or node.op_type in NOT_FOLDABLE:
                     continue
-                if node.op_type == "Constant" or (inputs and all(i in fixed for i in inputs)):
+                if node.op_type == "Constant" or (inputs and all(i in fixed for i in inputs)) \
+                        or (node.op_type in ("Shape", "Size") and self._fully_static(node.input[0])):
                     fixed.update(o for o in node.output if o)
             self._constant_sources = fixed
         return self._constant_sources
+
+    def _fully_static(self, name: str) -> bool:
+        shape = self.static_shape(name)
+        return shape is not None and all(d is not None for d in shape)
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor, or None: initializers (not overridable inputs), Constant
@@ -211,6 +216,12 @@ class GraphView:
             return _constant_node_value(node)
         if node.op_type == "Identity":
             return self.constant(node.input[0])
+        if node.op_type == "Size":
+            return np.array(int(np.prod(self.static_shape(node.input[0]))), np.int64)
+        if node.op_type == "Shape":   # of a tensor whose shape is known (a model specialised to a batch)
+            dims = np.array(self.static_shape(node.input[0]), np.int64)
+            start, end = attribute(node, "start", 0), attribute(node, "end", None)
+            return dims[start:end]
         values = {i: self.constant(i) for i in node.input if i}
         if any(v is None or v.size > FOLD_LIMIT for v in values.values()):
             return None
@@ -225,6 +236,19 @@ class GraphView:
                     else None
         value = results[list(node.output).index(name)]
         return value if isinstance(value, np.ndarray) and value.size <= FOLD_LIMIT else None
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every tensor ``name`` depends on, itself included (walked back through producers)."""
+        seen, todo = {name}, [name]
+        while todo:
+            node = self.producer.get(todo.pop())
+            if node is None:
+                continue
+            for source in list(node.input) + sorted(subgraph_inputs(node)):
+                if source and source not in seen:
+                    seen.add(source)
+                    todo.append(source)
+        return seen
 
     # ---- names ---------------------------------------------------------------------------------
     def names(self) -> set[str]:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import stat
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .graph import GraphView, default_opset
 
 PREPROCESS_KEY = "onnxcam.preprocess"
@@ -41,11 +42,12 @@ class LoadedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     metadata: dict[str, str] = field(default_factory=dict)
+    input_name: str | None = None     # the explained input (chosen by load_model)
 
     @property
     def input(self) -> TensorSpec:
-        """The single data input onnxcam explains."""
-        return self.inputs[0]
+        """The data input onnxcam explains (the others are fed as given: see feeds.py)."""
+        return next(spec for spec in self.inputs if spec.name == self.input_name)
 
     @cached_property
     def view(self) -> GraphView:
@@ -84,10 +86,14 @@ def tensor_spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value_info.name, tensor_type.elem_type, shape)
 
 
-def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> LoadedModel:
-    """Load a path or wrap a proto; check it has exactly one float data input."""
+def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel", input: str | None = None
+               ) -> LoadedModel:
+    """Load a path or wrap a proto, and choose the float data input to explain: ``input`` by name, or the
+    model's only data input, or its only float input with spatial axes."""
     if isinstance(model, LoadedModel):
-        return model
+        if input is None or input == model.input_name:
+            return model
+        return replace(model, input_name=_explained_input(model.inputs, input, model.path).name)
     path = None
     if isinstance(model, onnx.ModelProto):
         proto = model
@@ -100,16 +106,35 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel") -> Lo
     outputs = [tensor_spec(vi) for vi in graph.output]
     if not graph.node or not outputs:
         raise OnnxcamError(f"{_label(path)} has an empty graph; export the model again")
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs) or "none"
-        raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({names}); onnxcam explains "
-                           "models with exactly one image/signal input")
-    if inputs[0].elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-        raise OnnxcamError(f"input {inputs[0].name!r} of {_label(path)} is not a float tensor; "
-                           "onnxcam needs a float image/signal input")
+    explained = _explained_input(inputs, input, path)
     default_opset(proto)   # a model without the default domain is not one onnxcam can read
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return LoadedModel(proto, path, inputs, outputs, metadata)
+    return LoadedModel(proto, path, inputs, outputs, metadata, explained.name)
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+
+def _explained_input(inputs: list[TensorSpec], name: str | None, path: Path | None) -> TensorSpec:
+    listing = ", ".join(f"{i.name} {shape_text(i.shape)}" for i in inputs) or "none"
+    if not inputs:
+        raise OnnxcamError(f"{_label(path)} has no data input; export the model with its input")
+    if name is not None:
+        chosen = next((i for i in inputs if i.name == name), None)
+        if chosen is None:
+            raise OnnxcamError(f"--input {name!r} is not an input of {_label(path)}; its inputs: {listing}")
+    elif len(inputs) == 1:
+        chosen = inputs[0]
+    else:
+        spatial = [i for i in inputs if i.elem_type in _FLOATS and (i.rank or 0) >= 3]
+        if len(spatial) != 1:
+            raise OnnxcamError(f"{_label(path)} has {len(inputs)} data inputs ({listing}); choose the one to "
+                               "explain with --input NAME and give the others with --feed NAME=FILE.npy")
+        chosen = spatial[0]
+    if chosen.elem_type not in _FLOATS:
+        raise OnnxcamError(f"input {chosen.name!r} of {_label(path)} is not a float tensor; "
+                           "onnxcam needs a float image/signal input")
+    return chosen
 
 
 def _label(path: Path | None) -> str:
@@ -129,27 +154,104 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.output:
         raise OnnxcamError(f"{path} is not an ONNX model (no graph found); pass a .onnx file")
     _load_external_data(proto, path)
+    check_structure(proto, str(path))
     return proto
 
 
+def check_structure(proto: onnx.ModelProto, label: str) -> None:
+    """Refuse a damaged model before any graph code reads it: onnx's checker (names, ops, types,
+    attribute kinds), plus names that are not text (protobuf hands invalid UTF-8 back as bytes)."""
+    graph = proto.graph
+    names = [graph.name]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    names += [vi.name for vi in list(graph.input) + list(graph.output) + list(graph.value_info)]
+    names += [init.name for init in graph.initializer]
+    if any(not isinstance(n, str) for n in names):
+        raise OnnxcamError(f"{label} has names that are not valid UTF-8 text; the file is damaged, "
+                           "export the model again")
+    if proto.ByteSize() < 2**31 - 1:
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()
+            raise OnnxcamError(f"{label} is not a valid ONNX model ({reason[0][:200] if reason else type(exc).__name__}); "
+                               "export it again") from None
+
+
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Bring external weights (torch dynamo exports write a .onnx.data file) into the proto."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    """Bring external weights (torch dynamo exports write a .onnx.data file) into the proto.
+
+    onnxcam reads the files itself rather than leaving the policy to the installed ``onnx`` (older
+    releases follow symlinks and ``../``): a weights file must lie inside the model's own folder
+    (after resolving every link), must not be a symlink, and must have one hard link only, so a
+    model file can never make onnxcam copy another file into the augmented model or the cache."""
+    from onnx.external_data_helper import uses_external_data
 
     external = [t for t in _all_tensors(proto) if uses_external_data(t)]
     if not external:
         return
-    base = path.parent
+    base = path.resolve().parent
+    files: dict[str, bytes] = {}
     for tensor in external:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-        if location is None or not (base / location).exists():
-            raise OnnxcamError(f"{path} keeps its weights in the external file "
-                               f"{base / (location or '?')}, which is missing; copy it next to the model")
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location")
+        if not location:
+            raise OnnxcamError(f"{path}: tensor {tensor.name!r} is stored externally but names no file; "
+                               "export the model again")
+        if location not in files:
+            files[location] = _read_confined(path, base, location)
+        data = files[location]
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else len(data) - offset
+        except ValueError:
+            raise OnnxcamError(f"{path}: tensor {tensor.name!r} has a malformed external-data offset or "
+                               "length; export the model again") from None
+        if offset < 0 or length < 0 or offset + length > len(data):
+            raise OnnxcamError(f"{path}: tensor {tensor.name!r} wants bytes {offset}-{offset + length} of "
+                               f"{location} ({len(data)} bytes); the weights file is truncated or does "
+                               "not belong to this model")
+        tensor.raw_data = data[offset:offset + length]
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+
+
+def _read_confined(path: Path, base: Path, location: str) -> bytes:
+    """The bytes of external-data file ``location`` after the confinement checks."""
+    def refuse(why: str) -> OnnxcamError:
+        return OnnxcamError(f"{path}: refused to read external weights {location!r}: {why}; keep the "
+                            "weights as a plain file in the model's folder (onnx.save_model with "
+                            "save_as_external_data=True writes one)")
+    relative = Path(location)
+    if relative.is_absolute() or relative.drive:
+        raise refuse("an absolute path, outside the model's folder")
+    target = base / relative
+    current = base
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise refuse(f"{current} is a symbolic link")
+    if not target.resolve().is_relative_to(base):
+        raise refuse(f"it resolves outside the model's folder {base}")
+    if not target.exists():
+        raise OnnxcamError(f"{path} keeps its weights in the external file {target}, which is missing; "
+                           "copy it next to the model")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        load_external_data_for_model(proto, str(base))
-    except Exception as exc:
-        raise OnnxcamError(f"cannot read the external weights of {path} ({exc}); "
-                           "re-copy the .onnx.data file next to the model") from exc
+        fd = os.open(target, flags)
+    except OSError as exc:
+        raise OnnxcamError(f"cannot open the external weights {target} of {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("it is not a regular file")
+        if st.st_nlink > 1:
+            raise refuse(f"it has {st.st_nlink} hard links (it may be another file's data)")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise OnnxcamError(f"cannot read the external weights {target} of {path}: {exc.strerror}") from None
 
 
 def _all_tensors(proto: onnx.ModelProto):

@@ -52,6 +52,7 @@ class NodeInfo:
     scope: str                     # module path, components joined by "/"; "" at the root
     index: int                     # position in graph.node
     spatial: bool                  # float rank 3-5 with spatial axes > 1
+    reaches_output: bool = True    # the model's first output depends on it
 
 
 # ---------------------------------------------------------------- listing
@@ -72,6 +73,7 @@ def list_candidates(model, probe_input_shapes: dict[str, tuple] | None = None) -
             if symbolic_batch and inferred is not None and len(inferred) == len(shape) and inferred[0] is None:
                 shape = (None,) + shape[1:]  # the batch stays symbolic, as in the shapes inference knew
             types[tensor] = (elem_type, shape)
+    upstream = view.ancestors(view.output_names[0]) if view.output_names else set()
     candidates = []
     for index, node in enumerate(model.graph.node):
         if node.op_type in _NOT_LAYERS or not node.output or not node.output[0]:
@@ -81,7 +83,8 @@ def list_candidates(model, probe_input_shapes: dict[str, tuple] | None = None) -
             continue
         candidates.append(NodeInfo(name=node.name, op_type=node.op_type, tensor=node.output[0],
                                    shape=shape, scope="/".join(node_scope(node)), index=index,
-                                   spatial=has_spatial_axes(shape)))
+                                   spatial=has_spatial_axes(shape),
+                                   reaches_output=node.output[0] in upstream))
     return candidates
 
 
@@ -152,15 +155,20 @@ def _needs_probe(known: tuple | None) -> bool:
 # ---------------------------------------------------------------- default node
 
 
-def default_node(candidates: list[NodeInfo], model) -> NodeInfo:
+def default_node(candidates: list[NodeInfo], model, output: str | None = None) -> NodeInfo:
     """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
-    ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate. On a
-    transformer: the last block's first LayerNorm output (see tokens.default_transformer_node)."""
+    ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate. Only
+    candidates that feed the scored ``output`` (default: the first) count, and among those, ones whose
+    spatial axes follow the input's (same rank, no axis of size 1) are preferred. On a transformer:
+    the last block's first LayerNorm output (see tokens.default_transformer_node)."""
     view = view_of(model)
+    upstream = view.ancestors(output or view.output_names[0])
+    feeding = [c for c in candidates if c.tensor in upstream]
     from .tokens import default_transformer_node
-    transformer = default_transformer_node(candidates, view)
+    transformer = default_transformer_node(feeding or candidates, view)
     if transformer is not None:
         return transformer
+    candidates = _prefer_input_like(feeding or candidates, view)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     producers = view.producer
     pooled = [node.input[0] for node in view.graph.node
@@ -176,6 +184,15 @@ def default_node(candidates: list[NodeInfo], model) -> NodeInfo:
         raise OnnxcamError("the model has no node with a spatial output (rank 3-5 float with spatial axes "
                            "larger than 1), so there is no map to explain")
     return spatial[-1]
+
+
+def _prefer_input_like(candidates: list[NodeInfo], view: GraphView) -> list[NodeInfo]:
+    """The candidates with the input's rank and no spatial axis of size 1 (not a pooled stripe or a
+    token axis of a different rank), when there are any."""
+    ranks = {view.rank(name) for name in view.input_names} - {None}
+    like = [c for c in candidates if c.shape is not None and (not ranks or len(c.shape) in ranks)
+            and all(d is None or d > 1 for d in c.shape[2:-1] or c.shape[2:])]
+    return like or candidates
 
 
 def _is_global_pool(node: onnx.NodeProto, by_tensor: dict[str, NodeInfo], view: GraphView) -> bool:
@@ -211,7 +228,7 @@ def _reduce_axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:
 # ---------------------------------------------------------------- resolving --node
 
 
-def resolve_node(model, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
+def resolve_node(model, spec: str, candidates: list[NodeInfo], output: str | None = None) -> NodeInfo:
     """The node a user means by ``spec``; exact names beat module scopes (see module docstring).
 
     Accepted, in this order of preference: ``auto``; a node name; an output tensor name (``:0`` may be
@@ -223,7 +240,7 @@ def resolve_node(model, spec: str, candidates: list[NodeInfo]) -> NodeInfo:
     spec = spec.strip()
     view = view_of(model)
     if spec.lower() == "auto":
-        return default_node(candidates, view)
+        return default_node(candidates, view, output)
     nodes = list(view.graph.node)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     for exact in ((node for node in nodes if node.name == spec),
@@ -365,7 +382,7 @@ def format_table(candidates: list[NodeInfo], default: NodeInfo | None,
     rows = [header]
     for candidate in candidates:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
-            " " if candidate.spatial else "-")
+            "x" if not candidate.reaches_output else " " if candidate.spatial else "-")
         rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, _short_tensor(candidate),
                      shape_text(candidate.shape), candidate.scope)
                     + ((grids.get(candidate.tensor, ""),) if grids else ()))
@@ -377,4 +394,6 @@ def format_table(candidates: list[NodeInfo], default: NodeInfo | None,
         legend.append(f"* default (--node auto): {default.name or default.tensor}")
     if any(not candidate.spatial for candidate in candidates):
         legend.append("- no spatial axes left (pooled): cannot be explained")
+    if any(not candidate.reaches_output for candidate in candidates):
+        legend.append("x does not feed the model's first output: its gradient is zero (EigenCAM only)")
     return "\n".join(lines + legend)

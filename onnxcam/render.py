@@ -16,16 +16,50 @@ def jet_heatmap(cam: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
+STRIP_ROWS = 256   # rows of the photo coloured and blended at a time
+
+
 def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend ``(1 - alpha) * image + alpha * heatmap`` at the original image size (uint8 RGB)."""
+    """Blend ``(1 - alpha) * image + alpha * JET(map)`` at the original image size (uint8 RGB).
+
+    The map is resized bilinearly in float32 (half-pixel centres, OpenCV's INTER_LINEAR) and coloured
+    as pytorch-grad-cam does (``applyColorMap(uint8(255 * map))``), but a strip of rows at a time:
+    the only full-size buffer is the result, so an overlay costs about one image's bytes beyond the
+    image (a whole-image float32 blend would cost ~12x)."""
     if not 0.0 <= alpha <= 1.0:
         raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
     height, width = rgb.shape[:2]
-    if cam.shape != (height, width):
-        cam = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    heat = jet_heatmap(cam).astype(np.float32)
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
-    return np.uint8(np.clip(np.rint(blended), 0, 255))
+    photo = np.ascontiguousarray(rgb, np.uint8)
+    cam = np.clip(np.nan_to_num(np.asarray(cam, np.float32), nan=0.0), 0.0, 1.0)
+    # separable bilinear resize: the width now (map rows x photo width is small), the height per strip
+    wide = cam if cam.shape[1] == width else cv2.resize(cam, (width, cam.shape[0]), interpolation=cv2.INTER_LINEAR)
+    rows = cam.shape[0]
+    position = np.clip((np.arange(height, dtype=np.float64) + 0.5) * rows / height - 0.5, 0, rows - 1)
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, rows - 1)
+    frac = (position - low).astype(np.float32)[:, None]
+    out = np.empty_like(photo)
+    for top in range(0, height, STRIP_ROWS):
+        part = slice(top, min(top + STRIP_ROWS, height))
+        strip = wide[low[part]] if rows == height else wide[low[part]] * (1 - frac[part]) + wide[high[part]] * frac[part]
+        heat = cv2.applyColorMap(np.uint8(255 * np.clip(strip, 0.0, 1.0)), cv2.COLORMAP_JET)
+        cv2.cvtColor(heat, cv2.COLOR_BGR2RGB, dst=heat)
+        cv2.addWeighted(photo[part], 1.0 - alpha, heat, alpha, 0.0, dst=out[part])
+    return out
+
+
+GRID_MAX_SIDE = 1024
+
+
+def fit_for_grid(rgb: np.ndarray, max_side: int = GRID_MAX_SIDE) -> np.ndarray:
+    """The photo downscaled (area averaging) so its longer side is at most ``max_side``: a grid of
+    full-size panels of a large photo would cost (methods + 1) x its bytes and show nothing more."""
+    height, width = rgb.shape[:2]
+    factor = max_side / max(height, width)
+    if factor >= 1:
+        return rgb
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def label_panel(image: np.ndarray, text: str) -> np.ndarray:

@@ -66,6 +66,8 @@ class Runner:
         except Exception as exc:
             raise OnnxcamError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
         self.output_names = list(output_names)
+        # float16 (or double) models: float32 feeds are cast at the boundary, outputs come back float32
+        self.input_types = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
 
@@ -77,11 +79,16 @@ class Runner:
         return import_onnxruntime().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
 
     def run(self, feeds: dict) -> list[np.ndarray]:
-        """The output arrays for ``feeds`` (NumPy arrays, or values from ``on_device``)."""
+        """The output arrays for ``feeds`` (NumPy arrays, or values from ``on_device``); float feeds are
+        cast to the input's float type, float outputs come back as float32."""
+        feeds = {k: _as_type(v, self.input_types.get(k)) for k, v in feeds.items()}
         try:
             if self.on_cuda:
-                return self._run_bound(feeds)
-            return self.session.run(self.output_names, feeds)
+                outputs = self._run_bound(feeds)
+            else:
+                outputs = self.session.run(self.output_names, feeds)
+            return [o.astype(np.float32) if isinstance(o, np.ndarray) and o.dtype.kind == "f"
+                    and o.dtype != np.float32 else o for o in outputs]
         except OnnxcamError:
             raise
         except Exception as exc:
@@ -103,10 +110,11 @@ class Runner:
 
 
 def probe_shapes(model: onnx.ModelProto, tensors: list[str],
-                 probe_input_shapes: dict[str, tuple] | None) -> dict[str, tuple]:
-    """Run the model once on zeros with ``tensors`` exposed as outputs and read their real shapes."""
+                 probe_input_shapes: dict[str, tuple] | None, feeds: dict | None = None) -> dict[str, tuple]:
+    """Run the model once with ``tensors`` exposed as outputs and read their real (element type, shape):
+    on ``feeds`` when given, else on zeros of ``probe_input_shapes``."""
     ort = import_onnxruntime()
-    feeds = _zero_feeds(model, probe_input_shapes or {})
+    feeds = feeds if feeds is not None else _zero_feeds(model, probe_input_shapes or {})
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {output.name for output in probe.graph.output}
@@ -172,6 +180,15 @@ def _static_input_shape(value_info: onnx.ValueInfoProto) -> tuple:
 
 def _shape_of(value) -> tuple:
     return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _as_type(value: np.ndarray, dtype) -> np.ndarray:
+    if dtype is None or not isinstance(value, np.ndarray) or value.dtype == dtype or value.dtype.kind != "f":
+        return value
+    return value.astype(dtype)
 
 
 def first_line(exc: Exception) -> str:

@@ -49,7 +49,8 @@ def check_spatial_rank(node_name: str, node_rank: int | None, input_rank: int | 
                            f"has {node_rank - 2} spatial axes, the input {input_rank - 2}")
 
 
-def build_scorecam_model(model: LoadedModel, input_layout: str, probabilities: bool = False) -> onnx.ModelProto:
+def build_scorecam_model(model: LoadedModel, input_layout: str, probabilities: bool = False,
+                         output: str | None = None) -> onnx.ModelProto:
     """The masking + scoring model described in the module docstring (inputs SAMPLE, MAPS; output: logits)."""
     view = model.view
     if view.opset < 11:
@@ -60,7 +61,7 @@ def build_scorecam_model(model: LoadedModel, input_layout: str, probabilities: b
     check_spatial_rank(spec.name, None, rank)
     proto = copy_model(model.proto)
     graph = proto.graph
-    logits = find_logits(view, probabilities)
+    logits = find_logits(view, probabilities, output)
     channels_first = input_layout == layouts.FIRST
     spatial_axes = list(range(2, rank)) if channels_first else list(range(1, rank - 1))
 
@@ -137,9 +138,10 @@ class InGraphScorer:
 
     def __init__(self, model: LoadedModel, input_layout: str, provider: str = "auto",
                  threads: int | None = None, probabilities: bool = False,
-                 proto: onnx.ModelProto | None = None):
+                 proto: onnx.ModelProto | None = None, output: str | None = None):
         self.model = model
-        self.proto = proto if proto is not None else build_scorecam_model(model, input_layout, probabilities)
+        self.proto = proto if proto is not None else build_scorecam_model(model, input_layout, probabilities,
+                                                                          output)
         self.logits_name = self.proto.graph.output[0].name
         self.runner = Runner(self.proto, [self.logits_name], provider, threads)
         batch = model.input.shape[0] if model.input.shape else None
@@ -147,9 +149,11 @@ class InGraphScorer:
         self.masks_scored = 0   # distinct masked inputs run so far (the bench's floor counts these)
 
     def weights(self, A, x, targets, batch_size: int = 32, max_channels: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                progress: Callable[[int, int], None] | None = None,
+                other_feeds: Callable[[int], dict] | None = None) -> np.ndarray:
         """Channel weights (N, C) float32 for activations A (N, C, *s, channels-first) of inputs x
-        (N, ..., in the model's own layout); ``targets`` (N,) the class scored per sample."""
+        (N, ..., in the model's own layout); ``targets`` (N,) the class scored per sample;
+        ``other_feeds(B)``: the model's other inputs for B masked copies."""
         A, x, targets = checked_inputs(A, x, targets, batch_size, max_channels)
         N, C = A.shape[:2]
         chunk = self.fixed_batch or batch_size
@@ -162,7 +166,10 @@ class InGraphScorer:
             scores = np.empty(len(maps), dtype=np.float64)
             for lo in range(0, len(maps), chunk):
                 part = maps[lo:lo + chunk]
-                logits = self.runner.run({SAMPLE: sample, MAPS: self._padded(part, chunk)})[0][:len(part)]
+                feeds = {SAMPLE: sample, MAPS: self._padded(part, chunk)}
+                if other_feeds is not None:
+                    feeds.update(other_feeds(len(feeds[MAPS]), n))
+                logits = self.runner.run(feeds)[0][:len(part)]
                 if logits.ndim != 2:
                     raise OnnxcamError(f"Score-CAM needs (batch, classes) logits; the model gives "
                                        f"shape {logits.shape}")
@@ -185,14 +192,18 @@ class InGraphScorer:
 
 class ScoreCam:
     """Score-CAM weights for one model: the in-graph scorer where the model allows it, else NumPy masks
-    scored by ``forward`` (a batch in the model's layout -> the scored output)."""
+    scored by ``forward(batch, sample)`` (masked copies of input ``sample``, in the model's layout ->
+    the scored output, canonical). ``other_feeds(count, sample)``: the model's other inputs for
+    ``count`` masked copies of input ``sample``."""
 
-    def __init__(self, model: LoadedModel, input_layout: str, forward: Callable[[np.ndarray], np.ndarray],
-                 provider: str = "auto", threads: int | None = None, probabilities: bool = False):
+    def __init__(self, model: LoadedModel, input_layout: str, forward: Callable[[np.ndarray, int], np.ndarray],
+                 provider: str = "auto", threads: int | None = None, probabilities: bool = False,
+                 other_feeds: Callable[[int, int], dict] | None = None, output: str | None = None):
         self.model = model
+        self.other_feeds = other_feeds
         self.input_layout = input_layout
         self.forward = forward
-        self._options = (provider, threads, probabilities)
+        self._options = (provider, threads, probabilities, output)
         self._in_graph: InGraphScorer | None = None
         self._in_graph_impossible = False
 
@@ -202,9 +213,10 @@ class ScoreCam:
     def in_graph_scorer(self) -> InGraphScorer | None:
         """The in-graph scorer, built on first use, or None where the model's opset is too old for it."""
         if self._in_graph is None and not self._in_graph_impossible:
-            provider, threads, probabilities = self._options
+            provider, threads, probabilities, output = self._options
             try:
-                self._in_graph = InGraphScorer(self.model, self.input_layout, provider, threads, probabilities)
+                self._in_graph = InGraphScorer(self.model, self.input_layout, provider, threads, probabilities,
+                                               output=output)
             except OnnxcamError:
                 self._in_graph_impossible = True
         return self._in_graph
@@ -220,19 +232,17 @@ class ScoreCam:
         options = dict(batch_size=batch_size or 32, max_channels=max_channels, progress=progress)
         scorer = self.in_graph_scorer() if planes is None else None
         if scorer is not None:
-            return scorer.weights(A, x, targets, **options)
+            return scorer.weights(A, x, targets, other_feeds=self.other_feeds, **options)
         x_first = layouts.to_channels_first(x, self.input_layout)
-        if planes is None:
-            return scorecam_weights(A, x_first, targets, self._forward_logits(None), **options)
-        return np.concatenate([
+        return np.concatenate([   # one sample at a time: its masked copies share its other inputs
             scorecam_weights(A[i:i + 1], x_first[i:i + 1], targets[i:i + 1],
-                             self._forward_logits(planes[i, targets[i]]), **options)
+                             self._forward_logits(i, None if planes is None else planes[i, targets[i]]), **options)
             for i in range(len(x))])
 
-    def _forward_logits(self, plane: np.ndarray | None):
-        """forward_logits for the NumPy path: channels-first batch -> (B, K) scores."""
+    def _forward_logits(self, sample: int, plane: np.ndarray | None):
+        """forward_logits for the NumPy path: channels-first masked copies of ``sample`` -> (B, K)."""
         def forward_logits(batch: np.ndarray) -> np.ndarray:
-            logits = self.forward(layouts.to_layout(batch.astype(np.float32), self.input_layout))
+            logits = self.forward(layouts.to_layout(batch.astype(np.float32), self.input_layout), sample)
             if plane is None:
                 return logits
             return (logits * plane).reshape(logits.shape[0], logits.shape[1], -1).sum(-1)

@@ -8,16 +8,17 @@ pass. ArgMax/OneHot carry no gradient, so d score / d A is exactly d z[n, c_n] /
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, shape_text
 from .gradients import build_gradient_model, gradient_name
 from .graph import GraphBuilder, GraphView, copy_model, view_of
 from .model import LoadedModel
+from .runtime import probe_shapes
 
 TARGET_WEIGHTS = "onnxcam_target_weights"
 SCORE = "onnxcam_score"
@@ -48,19 +49,37 @@ class AugmentedModel:
                    backend)
 
 
-def find_logits(model, probabilities: bool = False) -> str:
-    """The tensor to score: the first output, or the input of a trailing Softmax (the logits)."""
+def find_logits(model, probabilities: bool = False, output: str | None = None) -> str:
+    """The tensor to score: ``output`` (default the first output), or the input of a Softmax that ends
+    it (the logits) unless ``probabilities``."""
     view = view_of(model)
-    name = view.output_names[0]
+    if output is not None and output not in view.output_names:
+        raise OnnxcamError(f"--output {output!r} is not an output of the model; its outputs: "
+                           + ", ".join(f"{o} {shape_text(view.shape(o))}" for o in view.output_names))
+    name = output or view.output_names[0]
     if probabilities:
         return name
-    current = name
-    while current in view.producer and view.producer[current].op_type in _PASS_THROUGH:
-        current = view.producer[current].input[0]
+    current = _before_passes(view.producer, name)
     node = view.producer.get(current)
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0]
-    return name
+        return _before_passes(view.producer, node.input[0])
+    return name if current == name or node is None else current
+
+
+def _before_passes(made_by: dict, name: str) -> str:
+    """Walk up through Identity/Dropout and quantize-dequantize pairs: a quantized model's output
+    QDQ pair only rounds the scores (and would clamp the top logit, whose gradient is then zero)."""
+    current = name
+    while current in made_by:
+        node = made_by[current]
+        if node.op_type in _PASS_THROUGH:
+            current = node.input[0]
+        elif (node.op_type == "DequantizeLinear" and node.input[0] in made_by
+              and made_by[node.input[0]].op_type == "QuantizeLinear"):
+            current = made_by[node.input[0]].input[0]
+        else:
+            break
+    return current
 
 
 def add_target_head(proto: onnx.ModelProto, logits: str, view: GraphView | None = None) -> str:
@@ -72,6 +91,8 @@ def add_target_head(proto: onnx.ModelProto, logits: str, view: GraphView | None 
     b = GraphBuilder(view.names(), "onnxcam_head/", view.opset)
     w_dims = ["batch"] + [d if d else f"onnxcam_d{i}" for i, d in enumerate(shape[1:] if shape else [None], 1)]
     graph.input.append(helper.make_tensor_value_info(b.reserve(TARGET_WEIGHTS), TensorProto.FLOAT, w_dims))
+    if view.elem_type(logits) not in (TensorProto.FLOAT, 0):  # float16/double: score in float32
+        logits = b.op("Cast", [logits], to=TensorProto.FLOAT)
     weights = TARGET_WEIGHTS
     if rank == 2:  # classifier: zero rows mean arg-max
         if shape is not None and shape[1]:
@@ -116,22 +137,56 @@ def _check_tensors_exist(view: GraphView, tensors: list[str]) -> None:
                            "list valid nodes with `onnxcam nodes MODEL`")
 
 
-def build_forward_model(model: LoadedModel, activations: list[str],
-                        probabilities: bool = False) -> AugmentedModel:
+def specialise_shapes(model: LoadedModel, feeds: dict[str, np.ndarray]) -> LoadedModel:
+    """The model with every input fixed to the shape of its feed and every tensor's type and shape
+    written into the graph, measured by one run on ``feeds``.
+
+    Exporters such as tf2onnx and paddle2onnx compute shapes at run time (Shape -> Gather -> Concat ->
+    Reshape) and leave shape inference blind; a gradient builder needs ranks and sizes. With the
+    shapes of this batch written in, every Shape-derived subgraph folds to a constant (graph.py) and
+    the backward graph is built for exactly this input shape."""
+    proto = copy_model(model.proto)
+    graph = proto.graph
+    for vi in graph.input:
+        if vi.name in feeds:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for size in feeds[vi.name].shape:
+                dims.add().dim_value = int(size)
+    tensors = [o for node in graph.node for o in node.output if o]
+    measured = probe_shapes(proto, tensors, None, feeds)
+    outputs = {vi.name for vi in graph.output}
+    del graph.value_info[:]
+    for name, (elem_type, shape) in measured.items():
+        if elem_type and name not in outputs:
+            graph.value_info.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+    for vi in graph.output:
+        if vi.name in measured:
+            elem_type, shape = measured[vi.name]
+            vi.type.tensor_type.elem_type = vi.type.tensor_type.elem_type or elem_type or TensorProto.FLOAT
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shape:
+                dims.add().dim_value = int(size)
+    return replace(model, proto=proto)
+
+
+def build_forward_model(model: LoadedModel, activations: list[str], probabilities: bool = False,
+                        output: str | None = None) -> AugmentedModel:
     """Forward-only model exposing the logits and the chosen activations (CAM, EigenCAM, Score-CAM)."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(model.view, probabilities)
+    logits = find_logits(model.view, probabilities, output)
     set_outputs(proto, [logits, *activations], model.view)
     return AugmentedModel(proto, model.input.name, logits, list(activations), [], None)
 
 
 def build_gradient_augmented_model(model: LoadedModel, activations: list[str], backend: str = "auto",
-                                   probabilities: bool = False) -> AugmentedModel:
+                                   probabilities: bool = False, output: str | None = None) -> AugmentedModel:
     """The one augmented model: logits, activations and d score / d activations in one run."""
     _check_tensors_exist(model.view, activations)
     proto = copy_model(model.proto)
-    logits = find_logits(model.view, probabilities)
+    logits = find_logits(model.view, probabilities, output)
     score = add_target_head(proto, logits, model.view)
     set_outputs(proto, [logits, *activations], model.view)
     proto, used = build_gradient_model(proto, score, list(activations), backend)

@@ -31,9 +31,9 @@ def test_portable_equals_ort_training(tensor, nhwc):
     gradient_p, gradient_t = p_out[2], t_out[2]
     scale = np.abs(gradient_t).max()
     assert scale > 0
-    np.testing.assert_allclose(gradient_p, gradient_t, atol=1e-5 * scale)
+    np.testing.assert_allclose(gradient_p, gradient_t, atol=1.5e-6 * scale)   # measured <= 1.2e-7 * scale
     np.testing.assert_allclose(p_out[0], t_out[0], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(p_maps, t_maps, atol=1e-4)
+    np.testing.assert_allclose(p_maps, t_maps, atol=3e-6)                     # measured <= 3e-7
 
 
 def test_auto_prefers_portable_when_every_op_has_a_rule():

@@ -116,7 +116,10 @@ def test_unwritable_dir_disables_caching(tmp_path):
 def test_test_cache_is_keyed_by_the_source():
     """The suite's cache folder is named by a digest of onnxcam's sources (tests/conftest.py)."""
     import conftest
-    assert Path(os.environ["ONNXCAM_CACHE_DIR"]).name == conftest._source_digest()
+    folder = conftest._test_cache_dir()
+    assert folder.name == conftest._source_digest() and folder.parent.name == "onnxcam-tests"
+    if Path(os.environ["ONNXCAM_CACHE_DIR"]).parent == folder.parent:     # not overridden by the user
+        assert Path(os.environ["ONNXCAM_CACHE_DIR"]) == folder
 
 
 def test_cache_dir_that_is_a_file_disables_caching(tmp_path):
@@ -142,3 +145,57 @@ def test_default_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ONNXCAM_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "onnxcam"
+
+
+# ---- size cap, LRU eviction, `onnxcam cache info|clear` ------------------------------------------
+
+def _parts(i):
+    return dict(PARTS, nodes=[f"n{i}"])
+
+
+def test_cap_evicts_least_recently_used(tmp_path, monkeypatch):
+    model = tiny_classifier()
+    size = len(model.SerializeToString()) + 48
+    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", str(3.5 * size / 2**20))   # room for three entries
+    for i in range(3):
+        cached_model(_parts(i), model, Builder(model), cache_dir=tmp_path)
+    paths = {i: tmp_path / f"{cache_key(_parts(i), model.SerializeToString())}.onnxcam" for i in range(4)}
+    for age, i in ((300, 0), (200, 1), (100, 2)):
+        os.utime(paths[i], (os.path.getmtime(paths[i]) - age,) * 2)
+    hit = Builder(model)
+    cached_model(_parts(0), model, hit, cache_dir=tmp_path)          # a read makes entry 0 recent
+    assert hit.calls == 0
+    cached_model(_parts(3), model, Builder(model), cache_dir=tmp_path)
+    assert {i for i, p in paths.items() if p.exists()} == {0, 2, 3}   # 1 was least recently used
+
+
+def test_zero_cap_keeps_nothing_and_bad_cap_is_an_error(tmp_path, monkeypatch):
+    model = tiny_classifier()
+    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", "0")
+    cached_model(PARTS, model, Builder(model), cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.onnxcam"))
+    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", "lots")
+    from onnxcam.errors import OnnxcamError
+    with pytest.raises(OnnxcamError, match="ONNXCAM_CACHE_MAX_MB"):
+        cached_model(PARTS, model, Builder(model), cache_dir=tmp_path)
+
+
+def test_cache_info_and_clear_commands(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from onnxcam.cli import main
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
+    model = tiny_classifier()
+    for i in range(2):
+        cached_model(_parts(i), model, Builder(model))
+    (tmp_path / ".x.onnxcam.abcdefgh.tmp").write_bytes(b"partial")    # a killed writer's
+    (tmp_path / "mine.txt").write_text("not the cache's")
+    import json
+    info = json.loads(CliRunner().invoke(main, ["cache", "info", "--json"]).output)
+    assert info["entries"] == 2 and info["temporaries"] == 1 and info["max_bytes"] == 2048 * 2**20
+    assert info["bytes"] == sum(p.stat().st_size for p in tmp_path.glob("*.onnxcam"))
+    text = CliRunner().invoke(main, ["cache", "info"]).output
+    assert "2 entries" in text and "of 2048 MB" in text
+    result = CliRunner().invoke(main, ["cache", "clear"])
+    assert result.exit_code == 0 and "removed 2 cached model(s)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

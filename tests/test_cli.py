@@ -268,3 +268,30 @@ def test_npy_of_the_wrong_rank(neutral):
     one_line_error(invoke("explain", model, tmp_path / "bad.npy", "--out", tmp_path / "o"),
                    f"input {tmp_path / 'bad.npy'} has shape (2, 3, 4, 8); the model takes rank 3 batches, so save "
                    "one sample without the batch axis")
+
+
+UNWRITABLE_OUT_CHILD = """
+import json, sys
+from user_path import run_cli
+result = run_cli(*sys.argv[1:])
+print(json.dumps({"code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr}))
+"""
+
+
+def test_unwritable_output_folder(files):
+    """Runs where permissions bind (as root: every capability dropped, see user_path)."""
+    from user_path import run_without_privileges
+    model, images, tmp = files
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        done = run_without_privileges(UNWRITABLE_OUT_CHILD, "explain", str(model), str(images[0]), "--out",
+                                      str(locked))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {
+            "code": 1, "stdout": "",
+            "stderr": f"error: output directory {locked} is not writable; pass a writable folder with --out\n"}
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)

@@ -91,10 +91,14 @@ def test_decode_and_detections_by_hand():
     assert detection.choose(raw, "yolov8", target=1).prediction == 2
     assert detection.choose(raw, "yolov8", box=(9.5, 8, 14, 12)).prediction == 1     # before NMS
     assert detection.choose(raw, "yolov8", box=(9.5, 8, 14, 12), target=1).class_id == 1
-    target, mask = detection.target_pair(found[1], "yolov8", (1, 6, 3))
-    assert target == 5 and mask.tolist() == [0, 0, 1]
-    target, mask = detection.target_pair(found5[1], "yolov5", (1, 3, 7))
-    assert target == 2 and mask.tolist() == [0, 0, 0, 0, 0, 0, 1]
+    weights = detection.head_weights([found[1], found[0]], "yolov8", (2, 6, 3))
+    assert np.argwhere(weights).tolist() == [[0, 5, 2], [1, 4, 0]]
+    targets, masks = detection.as_targets(weights)          # already (N, K, positions)
+    assert targets.tolist() == [5, 4] and masks.tolist() == [[0, 0, 1], [1, 0, 0]]
+    weights5 = detection.head_weights([found5[1]], "yolov5", (1, 3, 7))
+    assert np.argwhere(weights5).tolist() == [[0, 2, 6]]
+    targets, masks = detection.as_targets(weights5.transpose(0, 2, 1))   # canonical (N, 5+K, A)
+    assert targets.tolist() == [6] and masks.tolist() == [[0, 0, 1]]
     with pytest.raises(OnnxcamError, match="only 2 remain"):
         detection.choose(raw, "yolov8", index=2, iou_threshold=0.3)
 
@@ -142,12 +146,12 @@ def _torch_box_maps(net, fmt, x, chosen, method):
 def test_detection_target_equals_autograd(detector, method):
     fmt, net, path, x = detector
     explainer = Explainer(str(path), "backbone", cache=False)
-    raw = explainer.forward(x)[0]
+    scored = explainer.scored_output(x)
+    raw = scored.own(explainer.forward(x)[0])
     assert detection.detection_format(raw.shape) == fmt
     chosen = [detection.choose(raw[0], fmt, index=0), detection.choose(raw[1], fmt, index=2)]
-    pairs = [detection.target_pair(d, fmt, raw.shape) for d in chosen]
-    ours = explainer.explain(x, method=method, targets=[p[0] for p in pairs],
-                             target_mask=np.stack([p[1] for p in pairs]))
+    targets, masks = detection.as_targets(scored.canonical(detection.head_weights(chosen, fmt, raw.shape)))
+    ours = explainer.explain(x, method=method, targets=targets, target_mask=masks)
     theirs, z = _torch_box_maps(net, fmt, x, chosen, method)
     np.testing.assert_allclose(raw, z, atol=1e-5)
     expected_scores = [z[n, 4 + d.class_id, d.prediction] if fmt == "yolov8" else z[n, d.prediction, 5 + d.class_id]
@@ -200,7 +204,7 @@ def test_cli_box_picks_the_prediction_and_draws_it(detector, tmp_path):
     out = _cli("explain", path, photo, "--node", "backbone", "--box", ",".join(f"{v:.3f}" for v in given),
                "--out", tmp_path / "out", "--json")
     assert out.exit_code == 0, out.output
-    result = json.loads(out.output)["results"][0]
+    result = json.loads(out.stdout)["results"][0]
     assert result["detection"]["prediction"] == a
     assert result["class"] == int(classes[a].argmax()) == result["detection"]["class"]
     np.testing.assert_allclose(result["detection"]["box"], boxes[a] * [sx, sy, sx, sy], atol=0.01)
@@ -212,10 +216,10 @@ def test_cli_box_picks_the_prediction_and_draws_it(detector, tmp_path):
     assert edge.size and (edge[:, 1] >= 150).mean() > 0.8 and (edge[:, 0] < 80).mean() > 0.8
     # the default (best detection) and --detection 1 pick other predictions
     best = json.loads(_cli("explain", path, photo, "--node", "backbone", "--out", tmp_path / "o2", "--json",
-                           "--overwrite").output)["results"][0]["detection"]
+                           "--overwrite").stdout)["results"][0]["detection"]
     assert best["prediction"] == detection.choose(raw, fmt).prediction
     second = json.loads(_cli("explain", path, photo, "--node", "backbone", "--detection", "1", "--out",
-                             tmp_path / "o3", "--json").output)["results"][0]["detection"]
+                             tmp_path / "o3", "--json").stdout)["results"][0]["detection"]
     assert second["prediction"] == detection.choose(raw, fmt, index=1).prediction != best["prediction"]
 
 
@@ -224,12 +228,12 @@ def test_cli_eigencam_and_errors(detector, tmp_path):
     photo, _ = _photo(tmp_path)
     out = _cli("explain", path, photo, "--node", "backbone", "--method", "eigencam", "--out", tmp_path / "e", "--json")
     assert out.exit_code == 0, out.output
-    result = json.loads(out.output)["results"][0]
+    result = json.loads(out.stdout)["results"][0]
     assert result["detection"] is None and result["score"] is None
     bad = _cli("explain", path, photo, "--node", "backbone", "--detection", "500", "--out", tmp_path / "b")
-    assert bad.exit_code == 1 and bad.output.startswith("error: --detection 500 asks for detection #500")
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: --detection 500 asks for detection #500")
     bad = _cli("explain", path, photo, "--node", "backbone", "--box", "10,10,5,20", "--out", tmp_path / "b")
-    assert bad.output == "error: --box '10,10,5,20' must be X1,Y1,X2,Y2 in image pixels with X2 > X1 and Y2 > Y1\n"
+    assert bad.stderr == "error: --box '10,10,5,20' must be X1,Y1,X2,Y2 in image pixels with X2 > X1 and Y2 > Y1\n"
 
 
 def test_nms_inside_the_graph_is_stated(tmp_path):
@@ -259,7 +263,7 @@ def test_nms_inside_the_graph_is_stated(tmp_path):
     photo, _ = _photo(tmp_path)
     out = _cli("explain", nms_path, photo, "--node", "backbone", "--out", tmp_path / "n")
     assert out.exit_code == 1
-    assert out.output == "error: " + detection.nms_inside_message("nms") + "\n"
+    assert out.stderr == "error: " + detection.nms_inside_message("nms") + "\n"
     assert not (tmp_path / "n" / "astronaut_gradcam.png").exists()
     ok = _cli("explain", nms_path, photo, "--node", "backbone", "--method", "eigencam", "--out", tmp_path / "n")
     assert ok.exit_code == 0, ok.output

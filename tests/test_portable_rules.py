@@ -57,10 +57,13 @@ def test_same_tensor_twice_and_mean():
     assert_gradients_match(one("Mean", "x", "b", "x"), {"x": x.astype(F32), "b": rand(4, dtype=F32)}, wrt=("x", "b"))
 
 
-def test_binary_dynamic_shapes():
-    """Operand shapes only known at run time: the Shape-based reduction (opset 13+)."""
-    x, b = rand(2, 3, 4), rand(3, 1, seed=3)
-    model = graph_model(one("Mul", "x", "b"), {"x": x, "b": b})
+@pytest.mark.parametrize("opset", [11, 12, 13, 17])
+@pytest.mark.parametrize("b_shape", [(3, 1), (1, 4), (2, 3, 4), (1, 1, 1)])
+def test_binary_dynamic_shapes(opset, b_shape):
+    """Operand shapes only known at run time: the Shape-based reduction (opset 13+), or the
+    axis-by-axis form with static axes (opset 11 and 12)."""
+    x, b = rand(2, 3, 4), rand(*b_shape, seed=3)
+    model = graph_model(one("Mul", "x", "b"), {"x": x, "b": b}, opset=opset)
     for vi in model.graph.input:
         for d in vi.type.tensor_type.shape.dim:
             d.dim_param = "d" + vi.name + str(id(d) % 97)

@@ -1,4 +1,6 @@
-"""In-graph Score-CAM: the graph's masks and weights equal the NumPy reference (methods.scorecam)."""
+"""In-graph Score-CAM: the graph's masks and weights equal the NumPy path (methods.scorecam, which shares
+softmax, kept_channels and the mask epsilon with it: a consistency check) and, independently, the torch
+oracle (tests/torch_oracle.py) on activations with negative values."""
 from __future__ import annotations
 
 import numpy as np

@@ -171,7 +171,7 @@ def test_cli_lists_token_grids_and_explains(tmp_path):
             if "/ln_1/" in line and not line.startswith("* default")}
     assert rows["/encoder/layers/encoder_layer_1/ln_1/LayerNormalization"].startswith("*")
     assert all(line.rstrip().endswith("4x6 tokens after 1 prefix token") for line in rows.values())
-    listed = json.loads(CliRunner().invoke(main, ["nodes", str(path), "--json"]).output)
+    listed = json.loads(CliRunner().invoke(main, ["nodes", str(path), "--json"]).stdout)
     assert {row["token_grid"] for row in listed if "ln_1" in row["scope"]} == {"4x6 tokens after 1 prefix token"}
     photo = tmp_path / "cat.png"
     cv2.imwrite(str(photo), cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR))
@@ -183,6 +183,6 @@ def test_cli_lists_token_grids_and_explains(tmp_path):
     bad = CliRunner().invoke(main, ["explain", str(path), str(photo), "--out", str(tmp_path / "bad"),
                                     "--tokens-grid", "6,6"])
     assert bad.exit_code == 1
-    assert bad.output.startswith("error: cannot lay the tokens of shape (1, 25, 24) on a patch grid of the "
+    assert bad.stderr.startswith("error: cannot lay the tokens of shape (1, 25, 24) on a patch grid of the "
                                  "32x48 input with --tokens-grid 6,6")
     assert not (tmp_path / "bad" / "cat_gradcam.png").exists()

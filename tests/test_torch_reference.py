@@ -13,7 +13,7 @@ from onnxcam import METHODS, Explainer  # noqa: E402
 import torch_oracle  # noqa: E402
 from torch_export import export_legacy  # noqa: E402
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5   # about 10x the largest difference measured (8.3e-7, over every method, rank and fusion)
 
 
 def conv_net(rank: int, channels=(3, 8, 12), classes=4) -> "nn.Module":

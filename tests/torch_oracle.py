@@ -100,6 +100,8 @@ def scorecam_weights(model, A: np.ndarray, x: np.ndarray, targets, batch: int = 
     up = (up - _bcast(lo, up)) / (_bcast(hi - lo, up) + 1e-8)
     # A channel whose activation map is constant has an all-zero mask (pytorch-grad-cam's intent; its
     # upsampling rounding can leave ~1e-8 noise there): score the zero input once for those.
+    # tests/test_pytorch_gradcam.py checks this rule against pytorch-grad-cam itself (dead and constant
+    # non-zero channels), so the oracle does not merely copy onnxcam's rule.
     constant = a.reshape(a.shape[0], a.shape[1], -1).std(-1) == 0
     weights = []
     with torch.no_grad():

@@ -56,15 +56,15 @@ MUTATIONS = [
     M("metadata-std-ignored", "preprocessing", "onnxcam/preprocess.py",
       'for key in ("mean", "std"):', 'for key in ("mean",):', PRE),
     M("read-image-bgr", "preprocessing", "onnxcam/preprocess.py",
-      "return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)", "return image", PRE),
+      "cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)", "pass", PRE),
     M("sixteen-bit-truncated", "preprocessing", "onnxcam/preprocess.py",
       "np.rint(image / 257.0)", "(image >> 8)", PRE),
     # rendering
     M("overlay-one-minus-map", "rendering", "onnxcam/render.py",
-      "heat = jet_heatmap(cam)", "heat = jet_heatmap(1.0 - cam)", PRE),
+      "scaled = np.uint8(np.rint(np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0) * 255))",
+      "scaled = np.uint8(np.rint((1.0 - np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0)) * 255))", PRE),
     M("overlay-alpha-swapped", "rendering", "onnxcam/render.py",
-      "(1.0 - alpha) * rgb.astype(np.float32) + alpha * heat",
-      "alpha * rgb.astype(np.float32) + (1.0 - alpha) * heat", PRE),
+      "1.0 - alpha, heat, alpha, 0.0, dst=heat)", "alpha, heat, 1.0 - alpha, 0.0, dst=heat)", PRE),
     M("overlay-resize-swapped", "rendering", "onnxcam/render.py",
       "(width, height), interpolation=cv2.INTER_LINEAR)", "(height, width), interpolation=cv2.INTER_LINEAR)",
       PRE + CLI),
@@ -75,19 +75,22 @@ MUTATIONS = [
       "canvas[-24:] = np.repeat(band, 24, axis=0)", "canvas[-24:] = np.repeat(band[:, ::-1], 24, axis=0)", PRE),
     # outputs
     M("outputs-written-in-place", "outputs", "onnxcam/outputs.py",
-      '        with os.fdopen(fd, "wb") as handle:\n            handle.write(data)\n        os.replace(tmp, path)',
-      '        os.close(fd)\n        os.unlink(tmp)\n        with open(path, "wb") as handle:\n'
-      '            handle.write(data)', ("tests/test_atomic_writes.py",) + CLI),
-    M("outputs-tmp-not-removed", "outputs", "onnxcam/outputs.py",
-      "        if os.path.exists(tmp):\n            os.unlink(tmp)", "        pass",
-      ("tests/test_atomic_writes.py",)),
+      "        return write_atomic(path, [data])",
+      '        with open(path, "wb") as handle:\n            handle.write(data)\n        return path',
+      ("tests/test_atomic_writes.py",) + CLI),
+    M("atomic-tmp-not-removed", "outputs", "onnxcam/atomic.py",
+      "        try:\n            os.unlink(tmp)\n        except OSError:\n            pass\n        raise",
+      "        raise", ("tests/test_atomic_writes.py",)),
+    M("out-writable-check-removed", "outputs", "onnxcam/outputs.py",
+      "if not os.access(path, os.W_OK | os.X_OK):", "if False:", CLI),
     M("inputs-not-protected", "outputs", "onnxcam/outputs.py",
       "if path.resolve() in protected:", "if False:", CLI),
     # cache
     M("cache-written-in-place", "cache", "onnxcam/cache.py",
-      '        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)\n'
-      '        with os.fdopen(fd, "wb") as handle:',
-      '        with open(path, "wb") as handle:', ("tests/test_atomic_writes.py", "tests/test_cache.py")),
+      "        write_atomic(path, [_MAGIC, hashlib.sha256(payload).digest(), payload])",
+      '        with open(path, "wb") as handle:\n'
+      '            for chunk in [_MAGIC, hashlib.sha256(payload).digest(), payload]:\n'
+      '                handle.write(chunk)', ("tests/test_atomic_writes.py", "tests/test_cache.py")),
     M("cache-key-ignores-request", "cache", "onnxcam/cache.py",
       "request = dict(parts, onnxcam_version=_version())", "request = dict(onnxcam_version=_version())",
       ("tests/test_cache.py",)),
@@ -95,16 +98,16 @@ MUTATIONS = [
       "if hashlib.sha256(payload).digest() != data[len(_MAGIC):header]:", "if False:", ("tests/test_cache.py",)),
     # errors
     M("external-data-check-removed", "errors", "onnxcam/model.py",
-      "if location is None or not (base / location).exists():", "if location is None:", CLI),
+      "    if not target.exists():\n        raise OnnxcamError(", "    if False:\n        raise OnnxcamError(", CLI),
     M("external-data-message-lost", "errors", "onnxcam/model.py",
-      "which is missing; copy it next to the model", "which is missing", CLI),
+      '"copy it next to the model")', '"")', CLI),
     M("unreadable-model-message-lost", "errors", "onnxcam/model.py",
       '"pass a .onnx file exported from your framework"', '""', CLI),
     M("close-matches-lost", "errors", "onnxcam/nodes.py",
       "hint = f\"; closest: {', '.join(closest)}\" if closest else \"\"", 'hint = ""', CLI),
     M("close-matches-last-component-only", "errors", "onnxcam/nodes.py",
       "closest = difflib.get_close_matches(spec, sorted(names), n=5, cutoff=0.5)", "closest = []", CLI),
-    M("target-range-unchecked", "errors", "onnxcam/explainer.py",
+    M("target-range-unchecked", "errors", "onnxcam/targets.py",
       "bad = array[(array < 0) | (array >= num_classes)]", "bad = array[array < 0]", CLI),
     # targets
     M("scorecam-sample0-mask", "targets", "onnxcam/scorecam.py",
@@ -136,7 +139,15 @@ MUTATIONS = [
       ("tests/test_portable_rules.py",)),
     M("gemm-transB-ignored", "gradient rules", "onnxcam/gradients/rules/linear.py",
       "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1 - tb)",
-      "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1)", ("tests/test_portable_rules.py",)),
+      "ga = gemm_op(B, g, tb, 1) if ta else gemm_op(g, B, 0, 1)", ("tests/test_portable_rules.py",),
+      training=True),
+    # canonicalisation for onnxruntime-training's gradient builder
+    M("batchnorm-fold-without-epsilon", "gradient rules", "onnxcam/gradients/canonical/normalization.py",
+      "scale_values = g / np.sqrt(v + eps)", "scale_values = g / np.sqrt(v)",
+      ("tests/test_canonicalize.py", "tests/test_ort_training.py"), training=True),
+    M("dropout-kept-in-training-graph", "gradient rules", "onnxcam/gradients/canonical/activations.py",
+      'nodes = [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=rw.name(node, "Identity"))]',
+      "return None", ("tests/test_canonicalize.py", "tests/test_ort_training.py"), training=True),
 ]
 
 
@@ -158,9 +169,13 @@ def run_tests(copy: Path, python: str, tests: tuple[str, ...]) -> tuple[int, flo
     env = dict(os.environ, PYTHONPATH=str(copy))
     env.pop("ONNXCAM_CACHE_DIR", None)
     start = time.time()
-    done = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=copy,
-                          env=env, capture_output=True, text=True)
-    tail = (done.stdout.strip().splitlines() or [""])[-1]
+    done = subprocess.run([python, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests],
+                          cwd=copy, env=env, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines() or [""]
+    failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
+    tail = lines[-1].strip("= ")
+    if failed:
+        tail = f"{failed[0].split('/')[-1]}: {tail}"
     return done.returncode, time.time() - start, tail
 
 
@@ -181,6 +196,11 @@ def main() -> int:
         tests = tuple(sorted({t for m in chosen for t in m.tests}))
         rc, seconds, tail = run_tests(base, pythons["onnxruntime"], tests)
         print(f"baseline ({len(tests)} test files): rc={rc} {tail} [{seconds:.0f} s]", file=sys.stderr)
+        training_tests = tuple(sorted({t for m in chosen if m.training for t in m.tests}))
+        if rc == 0 and training_tests and "ort-training" in pythons:
+            rc, seconds, tail = run_tests(base, pythons["ort-training"], training_tests)
+            print(f"baseline ort-training ({len(training_tests)} test files): rc={rc} {tail} [{seconds:.0f} s]",
+                  file=sys.stderr)
         if rc != 0:
             print("the unmutated copy fails; fix the suite first", file=sys.stderr)
             return 1

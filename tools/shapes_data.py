@@ -66,6 +66,26 @@ def preprocess(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def write_dataset(out_dir, n: int, seed: int) -> tuple[list, "Path"]:
+    """Write ``make_dataset(n, seed)`` as PNG files plus ``boxes.csv`` (file,x1,y1,x2,y2,class, with
+    x2, y2 exclusive and the class by name), the form ``onnxcam evaluate --boxes`` reads."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels, boxes = make_dataset(n, seed)
+    paths, rows = [], ["file,x1,y1,x2,y2,class"]
+    for i, (image, label, box) in enumerate(zip(images, labels, boxes)):
+        path = out / f"shape_{i:04d}.png"
+        if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}")
+        paths.append(path)
+        rows.append(f"{path.name},{box[0]},{box[1]},{box[2]},{box[3]},{CLASS_NAMES[label]}")
+    csv_path = out / "boxes.csv"
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return paths, csv_path
+
+
 def _make_sample(label: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     image = _background(rng)
     size = int(rng.integers(SHAPE_SIZE_RANGE[0], SHAPE_SIZE_RANGE[1] + 1))
@@ -141,3 +161,15 @@ def _rotated_rectangle(cx: float, cy: float, half_length: float, half_width: flo
 
 def _fill_polygon(mask: np.ndarray, points: np.ndarray) -> None:
     cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 255, lineType=cv2.LINE_8)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a shapes set as PNG files plus boxes.csv.")
+    parser.add_argument("--out", default="shapes_eval", help="folder to write into (default: shapes_eval)")
+    parser.add_argument("-n", type=int, default=200, help="number of images (default 200)")
+    parser.add_argument("--seed", type=int, default=777, help="generator seed (default 777, held out)")
+    args = parser.parse_args()
+    _, boxes_csv = write_dataset(args.out, args.n, args.seed)
+    print(boxes_csv)

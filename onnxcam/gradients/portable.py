@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import OnnxcamError
 from ..graph import FLOAT_TYPES, GraphView, copy_model, is_default_domain, subgraph_inputs
 from . import gradient_name
-from .rules import RULES, Emitter, Unsupported
+from .rules import INTEGER_RULES, RULES, Emitter, Unsupported
 
 MIN_OPSET = 11
 PREFIX = "onnxcam_bw/"
@@ -39,25 +39,49 @@ def _inputs(node: onnx.NodeProto) -> list[str]:
     return [i for i in node.input if i] + sorted(subgraph_inputs(node))
 
 
-def _active_tensors(view: GraphView, score: str, wrt: list[str]) -> set[str]:
-    """Float tensors that depend on some wrt tensor and that the score depends on."""
-    graph = view.graph
+# Outputs that depend on their inputs only through comparisons, positions or sizes: their gradient is
+# zero by definition, so an integer or bool tensor they write is a constant for the differentiator.
+# Any other integer tensor computed from the differentiated path carries the value (QuantizeLinear's
+# output, a Cast to int) and must meet a rule that accepts it, else it is "no rule", never a zero.
+NO_GRADIENT_OUTPUTS = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Greater",
+                       "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "NonZero",
+                       "EyeLike", "RandomNormalLike", "RandomUniformLike"}
+INDEX_OUTPUTS = {"TopK": {1}, "MaxPool": {1}, "Unique": {1, 2, 3}}
 
-    def is_float(name):
-        elem = view.elem_type(name)
-        return elem in FLOAT_TYPES or elem == 0  # unknown type: assume float, the rule decides
+
+def _is_float(view: GraphView, name: str) -> bool:
+    elem = view.elem_type(name)
+    return elem in FLOAT_TYPES or elem == 0  # unknown type: assume float, the rule decides
+
+
+def _carries_value(node: onnx.NodeProto, k: int, view: GraphView) -> bool:
+    """Whether output ``k`` of ``node`` can carry a gradient from the node's inputs."""
+    name = node.output[k]
+    if _is_float(view, name) or not is_default_domain(node):
+        return True
+    if node.op_type in NO_GRADIENT_OUTPUTS or k in INDEX_OUTPUTS.get(node.op_type, ()):
+        return False
+    return not (node.op_type == "Cast" and view.elem_type(name) == TensorProto.BOOL)
+
+
+def _active_tensors(view: GraphView, score: str, wrt: list[str]) -> set[str]:
+    """Tensors that depend on some wrt tensor and that the score depends on: float tensors, and
+    integer tensors that carry the value (quantized activations)."""
+    graph = view.graph
     depends = set(wrt)
     for node in graph.node:
         if any(i in depends for i in _inputs(node)):
-            depends.update(o for o in node.output if o and is_float(o))
+            depends.update(o for k, o in enumerate(node.output) if o and _carries_value(node, k, view))
     needed = {score}
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             needed.update(_inputs(node))
-    return {t for t in depends & needed if is_float(t)}
+    return depends & needed
 
 
 def _node_label(node: onnx.NodeProto) -> str:
+    if (node.name or "").startswith("onnxcam_"):   # onnxcam's own score head: blame what it reads
+        return "the score taken on the model's scored output"
     op = node.op_type if is_default_domain(node) else f"{node.domain}.{node.op_type}"
     return f"{op} (node {node.name or node.output[0]})"
 
@@ -110,6 +134,11 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
             rule = RULES.get(node.op_type) if is_default_domain(node) else None
             if rule is None:
                 raise Unsupported("no gradient rule for this op")
+            integers = [t for t in list(node.input) + list(node.output)
+                        if t in active and not _is_float(view, t)]
+            if integers and node.op_type not in INTEGER_RULES:
+                raise Unsupported(f"integer tensor {integers[0]!r} on the differentiated path "
+                                  "(no rule for this op on integer tensors)")
             if any(i in active for i in subgraph_inputs(node)):
                 raise Unsupported("gradient through subgraphs is not supported")
             if node.op_type == "MaxPool":  # the rule reads the arg-max indices of the forward node
@@ -117,6 +146,8 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
                 node = out.graph.node[forward_nodes[id(node)]]
             gx = rule(emitter, node, gy, need)
         except Unsupported as e:
+            if (node.name or "").startswith("onnxcam_"):   # never name onnxcam's own tensors to the user
+                e = Unsupported("the shape of the scored output is not known before the model runs")
             if not collect:
                 raise OnnxcamError(f"portable gradient backend: no exact gradient for {_node_label(node)}: "
                                    f"{e}; use --grad-backend ort-training or pick a node closer to the "

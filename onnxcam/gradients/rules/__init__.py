@@ -10,14 +10,19 @@ from __future__ import annotations
 from .base import Emitter, Unsupported, node_attrs  # noqa: F401
 
 RULES: dict[str, callable] = {}
+# ops whose rule accepts integer tensors on the differentiated path (their gradients are float, in
+# integer units); any other rule meeting an integer tensor that carries the value is an error
+INTEGER_RULES: set[str] = set()
 
 
-def rule(*op_types: str):
+def rule(*op_types: str, integer: bool = False):
     def register(fn):
         for op_type in op_types:
             RULES[op_type] = fn
+            if integer:
+                INTEGER_RULES.add(op_type)
         return fn
     return register
 
 
-from . import elementwise, linear, normalization, pooling, resize, shaping  # noqa: E402,F401
+from . import elementwise, linear, normalization, pooling, quantize, resize, shaping  # noqa: E402,F401

@@ -157,11 +157,11 @@ class Emitter(GraphBuilder):
                     return g
                 out = self.reduce("ReduceSum", g, axes, keepdims=1)
                 return self.squeeze(out, range(lead)) if lead else out
-        return self._dynamic_unbroadcast(g, target)
+        return self._dynamic_unbroadcast(g, target, g_shape, ts)
 
-    def _dynamic_unbroadcast(self, g: str, target: str) -> str:
+    def _dynamic_unbroadcast(self, g: str, target: str, g_dims: Shape = None, t_dims: Shape = None) -> str:
         if self.opset < 13:
-            raise Unsupported("broadcast with run-time-only shapes needs opset 13+ for the reduction")
+            return self._axis_by_axis_unbroadcast(g, g_dims, target, t_dims)
         g_shape, t_shape = self.op("Shape", [g]), self.shape_of(target)
         lead = self.op("Sub", [self.op("Size", [g_shape]), self.op("Size", [t_shape])])
         ones = self.op("ConstantOfShape", [self.unsqueeze(lead, [0])],
@@ -171,3 +171,30 @@ class Emitter(GraphBuilder):
         axes = self.op("Reshape", [self.op("NonZero", [differs]), self.ints([-1])])
         summed = self.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
         return self.op("Reshape", [summed, t_shape])
+
+    def _axis_by_axis_unbroadcast(self, g: str, g_rank: Shape, target: str, t_shape: Shape) -> str:
+        """The opset-11/12 form (ReduceSum takes static axes there): with the ranks known, each axis
+        whose size is known only at run time is summed, and the sum is kept where the operand's size is
+        1 and the gradient's is not (Where, then a Slice to the operand's size)."""
+        if g_rank is None or t_shape is None:
+            raise Unsupported("broadcast with run-time-only shapes and ranks (opset < 13)")
+        lead = len(g_rank) - len(t_shape)
+        if lead < 0:
+            raise Unsupported(f"gradient rank {len(g_rank)} below operand rank {len(t_shape)}")
+        if lead:
+            g = self.squeeze(self.reduce("ReduceSum", g, range(lead), keepdims=1), range(lead))
+        target_dims, one = self.shape_of(target), self.ints([1])
+        for axis, dim in enumerate(t_shape):
+            if isinstance(dim, int) and (dim != 1 or g_rank[lead + axis] == 1):
+                continue   # statically equal sizes: nothing to sum
+            summed = self.reduce("ReduceSum", g, [axis], keepdims=1)
+            if dim == 1:
+                g = summed
+                continue
+            index = self.ints([axis])
+            t_dim = self.op("Gather", [target_dims, index], axis=0)
+            g_dim = self.op("Gather", [self.op("Shape", [g]), index], axis=0)
+            broadcast = self.op("And", [self.op("Equal", [t_dim, one]), self.op("Not", [self.op("Equal", [g_dim, one])])])
+            picked = self.op("Where", [broadcast, self.op("Expand", [summed, self.op("Shape", [g])]), g])
+            g = self.op("Slice", [picked, self.ints([0]), t_dim, index])
+        return g

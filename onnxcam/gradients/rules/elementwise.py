@@ -26,7 +26,7 @@ def _mask(e: Emitter, cond: str, like: str) -> str:
     return e.op("Cast", [cond], to=e.dtype(like))
 
 
-@rule("Identity", "Dropout")
+@rule("Identity", "Dropout", integer=True)
 def identity(e, node, gy, need):
     if node.op_type == "Dropout":
         a = node_attrs(node)
@@ -39,11 +39,14 @@ def identity(e, node, gy, need):
     return [gy[0]] + [None] * (len(node.input) - 1)
 
 
-@rule("Cast")
+@rule("Cast", integer=True)
 def cast(e, node, gy, need):
-    if e.dtype(node.input[0]) not in FLOAT_TYPES:
-        raise Unsupported("Cast from a non-float type")
-    return [e.op("Cast", [gy[0]], to=e.dtype(node.input[0]))]
+    source, target = e.dtype(node.input[0]), e.dtype(node.output[0])
+    if target not in FLOAT_TYPES:
+        raise Unsupported("Cast to a non-float type (truncation has no gradient)")
+    if source not in FLOAT_TYPES:  # a quantized integer read as float: the value passes unchanged
+        return [gy[0]]
+    return [e.op("Cast", [gy[0]], to=source)]
 
 
 @rule("Add", "Sub", "Sum", "Mean")

@@ -9,12 +9,12 @@ from .base import Emitter, Unsupported, node_attrs
 BIG = np.iinfo(np.int64).max
 
 
-@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze", integer=True)
 def reshape(e: Emitter, node, gy, need):
     return [e.reshape_like(gy[0], node.input[0])] + [None] * (len(node.input) - 1)
 
 
-@rule("Transpose")
+@rule("Transpose", integer=True)
 def transpose(e: Emitter, node, gy, need):
     perm = node_attrs(node).get("perm") or list(reversed(range(e.rank(node.input[0]))))
     return [e.op("Transpose", [gy[0]], perm=[int(i) for i in np.argsort(perm)])]
