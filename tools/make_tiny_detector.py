@@ -73,7 +73,7 @@ def held_out_rate(model: TinyYolo, images, labels, boxes) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".cache/models/shapes_yolo.onnx"))
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=1500)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(0)
