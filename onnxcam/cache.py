@@ -43,17 +43,30 @@ def _version() -> str:
     return __version__
 
 
-def cache_key(parts: dict, model_bytes: bytes) -> str:
-    """sha256 over the model bytes, the request ``parts`` (JSON, sorted keys) and the onnxcam version."""
+def model_digest(model_proto: onnx.ModelProto | bytes) -> bytes | None:
+    """sha256 of the serialized model (what every key starts from); None for a model too large to
+    serialize (≥ 2 GB), which is then never cached. Compute it once per model and pass it on."""
+    if isinstance(model_proto, (bytes, bytearray)):
+        return hashlib.sha256(model_proto).digest()
+    try:        # no ByteSize() check first: on a large model it costs as much as serializing
+        data = model_proto.SerializeToString()
+    except Exception:   # over protobuf's 2 GB limit
+        return None
+    return None if len(data) > MAX_CACHED_BYTES else hashlib.sha256(data).digest()
+
+
+def cache_key(parts: dict, model_bytes: bytes | None = None, digest_of_model: bytes | None = None) -> str:
+    """sha256 over the model bytes (or their ``model_digest``), the request ``parts`` (JSON, sorted keys)
+    and the onnxcam version."""
     digest = hashlib.sha256()
-    digest.update(hashlib.sha256(model_bytes).digest())
+    digest.update(digest_of_model if digest_of_model is not None else hashlib.sha256(model_bytes).digest())
     request = dict(parts, onnxcam_version=_version())
     digest.update(json.dumps(request, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
-def _read(path: Path) -> onnx.ModelProto | None:
-    """The cached model, or None when the file is absent or fails its checksum or parse."""
+def _read_payload(path: Path) -> memoryview | None:
+    """The cached bytes, or None when the file is absent or fails its checksum."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -64,6 +77,14 @@ def _read(path: Path) -> onnx.ModelProto | None:
     payload = memoryview(data)[header:]
     if hashlib.sha256(payload).digest() != data[len(_MAGIC):header]:
         return None
+    return payload
+
+
+def _read(path: Path) -> onnx.ModelProto | None:
+    """The cached model, or None when the file is absent or fails its checksum or parse."""
+    payload = _read_payload(path)
+    if payload is None:
+        return None
     try:
         proto = onnx.ModelProto()
         proto.ParseFromString(payload)
@@ -72,10 +93,10 @@ def _read(path: Path) -> onnx.ModelProto | None:
     return proto
 
 
-def _write(path: Path, proto: onnx.ModelProto) -> bool:
+def _write(path: Path, proto: onnx.ModelProto | bytes) -> bool:
     """Write atomically; False (and no file left behind) when the directory cannot be written."""
     try:
-        payload = proto.SerializeToString()
+        payload = proto if isinstance(proto, bytes) else proto.SerializeToString()
     except Exception:   # over protobuf's 2 GB limit
         return False
     try:
@@ -86,23 +107,60 @@ def _write(path: Path, proto: onnx.ModelProto) -> bool:
         return False
 
 
+def _path(parts: dict, digest_of_model: bytes, cache_dir, suffix: str) -> Path:
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return path / f"{cache_key(parts, digest_of_model=digest_of_model)}{suffix}"
+
+
+def cached_model_bytes(parts: dict, digest_of_model: bytes | None, build: Callable[[], onnx.ModelProto],
+                       cache_dir: str | os.PathLike | None = None) -> bytes:
+    """As ``cached_model``, but the serialized model: what a session is made from, so a hit is never
+    parsed and serialized again. ``digest_of_model``: ``model_digest`` of the source model (None:
+    too large, built each time)."""
+    if digest_of_model is None:
+        return build().SerializeToString()
+    path = _path(parts, digest_of_model, cache_dir, ".onnxcam")
+    hit = _read_payload(path)
+    if hit is not None:
+        return bytes(hit)
+    data = build().SerializeToString()
+    if len(data) <= MAX_CACHED_BYTES:
+        _write(path, data)
+    return data
+
+
+def cached_json(parts: dict, digest_of_model: bytes | None, build: Callable[[], object],
+                cache_dir: str | os.PathLike | None = None):
+    """``build()``'s JSON-able value for (model, ``parts``), read back when computed before: the facts
+    derived from the model bytes (node table, output shapes) that cost shape inference and a probe run."""
+    if digest_of_model is None:
+        return build()
+    path = _path(parts, digest_of_model, cache_dir, ".json")
+    hit = _read_payload(path)
+    if hit is not None:
+        try:
+            return json.loads(bytes(hit))
+        except ValueError:
+            pass
+    value = build()
+    _write(path, json.dumps(value).encode())
+    return value
+
+
 def cached_model(parts: dict, model_proto: onnx.ModelProto | bytes,
                  build: Callable[[], onnx.ModelProto], cache_dir: str | os.PathLike | None = None,
-                 ) -> onnx.ModelProto:
+                 digest_of_model: bytes | None = None) -> onnx.ModelProto:
     """``build()``'s model for (``model_proto``, ``parts``), read from the cache when it was built before.
 
     ``parts`` names the request (nodes, method family, backend, probabilities, ...): anything that
     changes the built model must be in it. ``model_proto`` may be given as its serialized bytes when the
     caller has them. A model too large to serialize (≥ 2 GB) is built and returned without caching.
     """
-    if isinstance(model_proto, (bytes, bytearray)):
-        model_bytes = bytes(model_proto)
-    else:
-        if model_proto.ByteSize() > MAX_CACHED_BYTES:
+    if digest_of_model is None:
+        digest_of_model = model_digest(model_proto)
+        if digest_of_model is None:
             return build()
-        model_bytes = model_proto.SerializeToString()
-    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = path / f"{cache_key(parts, model_bytes)}.onnxcam"
+    path = _path(parts, digest_of_model, cache_dir, ".onnxcam")
     hit = _read(path)
     if hit is not None:
         cache_limits.touch(path)

@@ -205,7 +205,8 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
               help="Node to explain: node name, output tensor, module scope (layer4), scope/op "
                    "(/layer4/Relu), Keras layer name, or auto. Repeat to fuse several layers.")
 @click.option("--method", default="gradcam", show_default=True,
-              help=f"{', '.join(METHODS)}, or all (every method that applies).")
+              help=f"{', '.join(METHODS)}, a comma-separated list of them, or all (every method that "
+                   "applies); several methods share one run and give one grid.")
 @click.option("--target", help="Class to explain (index or class name); default: the top class.")
 @click.option("--top-k", type=int, help="Explain each of the K top classes (one map per class).")
 @click.option("--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
@@ -259,13 +260,23 @@ def _progress_printer(label: str, unit: str, minimum: int = PROGRESS_MIN_TOTAL):
 @click.option("--format", "fmt", type=click.Choice(["png", "parquet"]), default="png", show_default=True,
               help="Ray engine: png writes overlays (and --npy maps) as files; parquet writes maps and "
                    "summaries as a Parquet dataset into --out.")
+@click.option("--maps", "maps_engine", type=click.Choice(["auto", "graph", "numpy"]), default="auto",
+              show_default=True, help="Where gradient methods' final maps are computed: ONNX ops in the "
+                                      "session (graph), the NumPy engine (numpy), or auto.")
+@click.option("--profile", is_flag=True, help="Print the call's fixed costs (imports, model load, node "
+                                              "table, session creation, run, writing) on stderr.")
 @model_io_options
 def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_json, alpha, provider,
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
             overwrite, max_pixels, fail_fast, no_cache, labels, target_mask, input_name, feed_specs,
-            output_name, class_axis, preset, engine, ray_address, workers, worker_threads, fmt, tokens_grid,
-            prefix_tokens, detection_format, detection_index, box, confidence, iou_threshold):
+            output_name, class_axis, preset, engine, ray_address, workers, worker_threads, fmt, maps_engine,
+            profile, tokens_grid, prefix_tokens, detection_format, detection_index, box, confidence,
+            iou_threshold):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
+    from . import IMPORT_START
+    from .profile import PROFILE, phase
+    if profile:
+        PROFILE.start(IMPORT_START)
     from .explainer import Explainer
     from .files import FileExplainer, collect_inputs
     from .methods import get_method
@@ -292,7 +303,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         raise OnnxcamError(f"--alpha {alpha} must lie in [0, 1]")
     if scale is not None and not math.isfinite(scale):
         raise OnnxcamError(f"--scale {scale} must be a finite number")
-    loaded = load_model(model, input=input_name)
+    with phase("model load"):
+        loaded = load_model(model, input=input_name)
     images = loaded.input.rank in (None, 4)
     parsed_size = _size(size) if images else None
     if parsed_size is not None and parsed_size[0] * parsed_size[1] > (max_pixels or 100_000_000):
@@ -305,15 +317,19 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     if images and not loaded.preprocess and not (preset or mean or std or scale is not None):
         notices.append("the model carries no preprocessing metadata, so images are fed as RGB x/255 with no "
                        "mean/std; pass --preset NAME or --mean/--std/--scale if it was trained otherwise")
-    explainer_options = _explainer_options(loaded, preprocessing, size, layout, provider, grad_backend,
-                                           probabilities, no_cache, feed_specs, output_name, class_axis)
-    explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options,
-                          tokens_grid=parse_grid(tokens_grid), prefix_tokens=_prefix(prefix_tokens))
+    explainer_options = dict(_explainer_options(loaded, preprocessing, size, layout, provider, grad_backend,
+                                                probabilities, no_cache, feed_specs, output_name, class_axis),
+                             maps=maps_engine)
+    with phase("node table"):
+        explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options,
+                              tokens_grid=parse_grid(tokens_grid), prefix_tokens=_prefix(prefix_tokens))
     if method == "all":
         methods, skipped_methods = applicable_methods(explainer, with_reasons=True)
         notices += [f"--method all skips {name}: {why}" for name, why in skipped_methods]
     else:
-        methods = [get_method(method).name]
+        methods = list(dict.fromkeys(get_method(m.strip()).name for m in method.split(",") if m.strip()))
+    if not methods:
+        raise OnnxcamError(f"--method {method!r} names no method; e.g. --method gradcam or gradcam,layercam")
     class_names = read_labels(labels) if labels else loaded.class_names
     mask = read_mask(target_mask) if target_mask else None
     if mask is not None and target is None:
@@ -352,6 +368,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                                "skipped": runner.skipped, "results": summaries, "notices": notices,
                                "failed": [{"input": str(p), "error": m} for p, m in runner.failures]},
                               indent=2, allow_nan=False))
+    if profile:
+        click.echo(PROFILE.report(), err=True)
     if runner.failures:
         raise OnnxcamError(f"{len(runner.failures)} of {len(paths)} input(s) could not be read and were "
                            "skipped (errors above); fix or remove them (--fail-fast stops at the first)")

@@ -10,16 +10,18 @@ import numpy as np
 import onnx
 
 from . import layouts, tokens
-from .cache import cached_model
+from .cache import cached_model_bytes, model_digest
 from .classifier_head import find_classifier_weights
+from .derived import node_table
 from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
 from .legrad import LeGradBlocks
 from .methods import ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
+from .maps_graph import MAPS_ENGINES, GraphMaps
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
-from .nodes import NodeInfo, list_candidates, resolve_node
+from .nodes import NodeInfo, resolve_node
 from .feeds import InputFeeds, run_in_pieces
 from .runtime import Runner
 from .scorecam import ScoreCam
@@ -48,11 +50,17 @@ class Explainer:
                  grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
                  input_shape: tuple | None = None, threads: int | None = None, cache: bool = True,
                  input: str | None = None, feeds: dict | None = None, output: str | None = None,
-                 class_axis: int | None = None, tokens_grid: tuple | None = None,
-                 prefix_tokens: int | None = None):
+                 class_axis: int | None = None, maps: str = "auto",
+                 tokens_grid: tuple | None = None, prefix_tokens: int | None = None):
         """``input``: the input to explain (multi-input models; the others come from ``feeds``, name ->
         array, one sample or one row per sample); ``output``: the output to score (default: the first,
-        or the Softmax input); ``class_axis``: its class axis when the guess (targets.py) is wrong."""
+        or the Softmax input); ``class_axis``: its class axis when the guess (targets.py) is wrong;
+        ``maps``: where the gradient methods' final maps are computed: ``graph`` (ONNX ops appended to
+        the augmented model where that is exact, see maps_graph.py; NumPy elsewhere), ``numpy`` (the
+        reference engine), ``auto`` (``graph`` when ``maps_graph.GRAPH_MAPS_BY_DEFAULT``)."""
+        if maps not in MAPS_ENGINES:
+            raise OnnxcamError(f"unknown maps engine {maps!r}; choose one of {', '.join(MAPS_ENGINES)}")
+        self.maps = maps
         self.model: LoadedModel = load_model(model, input)
         self.tokens_grid, self.prefix_tokens = tokens_grid, prefix_tokens   # see onnxcam/tokens.py
         self.feeds = InputFeeds(self.model, feeds)
@@ -68,7 +76,9 @@ class Explainer:
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
         self._probe_shape = self._explained_probe_shape(input_shape)
         self._probe = self._probe_shapes(input_shape)
-        self.candidates = list_candidates(self.model, self._probe)
+        self._digest = model_digest(self.model.proto) if cache else None    # once: every cache key needs it
+        self.candidates = node_table(self.model, self._probe, self.logits_name,
+                                     self._digest)[0]
         self._tokens = tokens_grid is not None or prefix_tokens is not None or tokens.is_transformer(self.model)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
@@ -77,16 +87,18 @@ class Explainer:
                                       for spec in specs]
         self._gradient_models: dict[tuple | None, AugmentedModel] = {}   # None: for every input shape
         self._gradient_runners: dict[tuple | None, Runner] = {}
+        self._gradient_bytes: dict[int, bytes] = {}     # serialized gradient models not yet in a session
         self._generic_failure: OnnxcamError | None = None
         self._last_gradient_model: AugmentedModel | None = None
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
+        self._graph_maps = GraphMaps(self)
         self.scorecam = ScoreCam(self.model, self.input_layout, lambda x, sample: self.forward(x, sample)[0],
                                  provider, threads, probabilities, self.feeds.for_batch, output)
         # One table from what a method needs to how it is checked and provided (see methods.NEEDS).
         self._needs = {
-            GRADIENTS: (self.gradient_session, lambda batch, i: batch.gradients[i]),
+            GRADIENTS: (self.augmented_gradient_model, lambda batch, i: batch.gradients[i]),
             CLASS_WEIGHTS: (self._check_classifier_heads,
                             lambda batch, i: self.classifier_head(self.nodes[i]).weight[batch.chosen]),
             CHANNEL_SCORES: (self._check_scorecam, self._scorecam_weights),
@@ -169,14 +181,16 @@ class Explainer:
             return build_gradient_augmented_model(model, self.tensors, self.grad_backend,
                                                   self.probabilities, self.output).proto
 
-        if not self.cache:
+        if not self.cache or self._digest is None:
             proto = build()
         else:
             parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
                      "probabilities": self.probabilities, "output": self.output,
                      "training_runtime": ort_training_available(),
                      "specialised_to": None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}}
-            proto = cached_model(parts, self.model.proto, build)
+            data = cached_model_bytes(parts, self._digest, build)   # a session is made from the bytes
+            proto = onnx.load_from_string(data)
+            self._gradient_bytes[id(proto)] = data
         return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
                                                   self.tensors)
 
@@ -184,8 +198,8 @@ class Explainer:
         """The gradient model and its session (for the batch ``x`` when it had to be specialised)."""
         key, augmented = self._gradient_build(x)
         if key not in self._gradient_runners:
-            self._gradient_runners[key] = Runner(augmented.proto, augmented.output_names, self.provider,
-                                                 self.threads)
+            data = self._gradient_bytes.pop(id(augmented.proto), None) or augmented.proto
+            self._gradient_runners[key] = Runner(data, augmented.output_names, self.provider, self.threads)
         self._last_gradient_model = augmented
         return augmented, self._gradient_runners[key]
 
@@ -326,13 +340,27 @@ class Explainer:
                 max_channels: int | None = None, progress=None, target_mask=None) -> Explanation:
         """Explain a preprocessed batch ``x`` (the model's own layout) with ``method``.
 
-        ``target_mask``: for models whose output is a map (N, K, *S), the score is the target class's
-        logits summed over this mask (shape S, or (N, *S)); without it, over the whole map.
+        ``target_mask``: for outputs with positions (maps N, K, *S; sequences), the score is the target
+        class summed over this mask (shape S, or (N, *S)); without it, over every position.
         """
-        start = time.perf_counter()
         spec = get_method(method)
-        if spec.needs:
-            self._check_nodes_feed_the_output(spec.name)
+        return self.explain_many(x, [spec.name], targets, batch_size, max_channels, progress,
+                                 target_mask)[spec.name]
+
+    def explain_many(self, x, methods, targets=None, batch_size: int | None = None,
+                     max_channels: int | None = None, progress=None,
+                     target_mask=None) -> dict[str, Explanation]:
+        """One Explanation per method (keyed by its registered name, in the order given), from ONE run
+        of the model per batch: every gradient method reads the same activations and gradients, and
+        CAM, EigenCAM and Score-CAM read that run's activations too (Score-CAM then scores its masks).
+        The maps equal those of separate ``explain`` calls (same engine, same inputs)."""
+        start = time.perf_counter()
+        specs = list({spec.name: spec for spec in (get_method(m) for m in methods)}.values())
+        if not specs:
+            raise OnnxcamError("no method given")
+        for spec in specs:
+            if spec.needs:
+                self._check_nodes_feed_the_output(spec.name)
         x = self.check_input(x)
         n = x.shape[0]
         wanted = checked_targets(targets, n, self.num_classes(x)) if targets is not None else None
@@ -343,34 +371,53 @@ class Explainer:
         for lo in range(0, n, step):
             part_targets = None if wanted is None else wanted[lo:lo + step]
             part_mask = mask[lo:lo + step] if per_sample_mask else mask
-            parts.append(self._explain_batch(x[lo:lo + step], spec, part_targets, part_mask, max_channels,
+            parts.append(self._explain_batch(x[lo:lo + step], specs, part_targets, part_mask, max_channels,
                                              progress, batch_size))
-        maps, logits, chosen, scores = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        layer_maps = [np.concatenate([p[4][i] for p in parts]) for i in range(len(self.nodes))]
-        return Explanation(maps, chosen, scores, logits, spec.name, [node.name for node in self.nodes],
-                           layer_maps, time.perf_counter() - start)
+        shared = sum(p[0] for p in parts)
+        result = {}
+        for spec in specs:
+            per = [p[1][spec.name] for p in parts]
+            maps, logits, chosen, scores = (np.concatenate([p[i] for p in per]) for i in range(4))
+            layer_maps = [np.concatenate([p[4][i] for p in per]) for i in range(len(self.nodes))]
+            seconds = shared + sum(p[5] for p in per)
+            result[spec.name] = Explanation(maps, chosen, scores, logits, spec.name,
+                                            [node.name for node in self.nodes], layer_maps, seconds)
+        if len(specs) == 1:      # one method: its time is the whole call's, input checks included
+            result[specs[0].name].seconds = time.perf_counter() - start
+        return result
 
     def target_weights(self, logits_shape: tuple, targets: np.ndarray | None,
                        mask: np.ndarray | None) -> np.ndarray:
         """Canonical W for the score head (see targets.target_weights)."""
         return target_weights(logits_shape, targets, mask)
 
-    def _explain_batch(self, x, spec: Method, targets, mask, max_channels, progress, batch_size):
-        n = x.shape[0]
+    def _explain_batch(self, x, specs: list[Method], targets, mask, max_channels, progress, batch_size):
+        """One run for the batch, then each method's maps: (run seconds, {name: (maps, logits, chosen,
+        scores, layer maps, seconds)})."""
+        start = time.perf_counter()
+        n, m = x.shape[0], len(self.nodes)
         out = self.scored_output(x)
-        if GRADIENTS in spec.needs:
+        plan = self._graph_maps.plan(specs, x)
+        in_graph: tuple[str, ...] = ()
+        if plan is not None:       # outputs: logits, maps per method, layer maps per method and node,
+            in_graph, node_layouts, with_activations = plan          # then the activations if asked
+            _, runner = self._graph_maps.session(in_graph, node_layouts, with_activations)
+            head_weights = self.target_weights(self._logits_shape(x), targets, mask)
+            outputs = runner.run({self.model.input.name: x, TARGET_WEIGHTS: head_weights})
+            tail = 1 + len(in_graph) * (1 + m)
+            graph_outputs, outputs = outputs[:tail], [outputs[0], *outputs[tail:]]
+        elif any(GRADIENTS in spec.needs for spec in specs):
             augmented, runner = self.gradient_session(x)
             head_weights = out.own(self.target_weights(self._logits_shape(x), targets, mask))
             outputs = run_in_pieces(runner.run, self._batched(augmented, x, **{TARGET_WEIGHTS: (
-                head_weights, out.batch_axis)}), [out.batch_axis] + [0] * (2 * len(self.nodes)),
-                self.feeds.fixed_batch)
+                head_weights, out.batch_axis)}), [out.batch_axis] + [0] * (2 * m), self.feeds.fixed_batch)
             outputs[0] = out.canonical(outputs[0])
         else:
             outputs = self.forward(x)
         logits = outputs[0]
-        map_weights = None            # map outputs (N, K, *S): the target planes the score sums over
-        if logits.ndim > 2 and targets is None and not spec.needs_target:   # EigenCAM: nothing to score
-            chosen, scores = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)
+        map_weights = None            # outputs with positions (N, K, *P): the target planes summed over
+        if logits.ndim > 2 and targets is None and not all(spec.needs_target for spec in specs):
+            chosen, scores = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)   # EigenCAM only
         elif logits.ndim > 2:
             map_weights = self.target_weights(logits.shape, targets, mask)
             chosen = targets
@@ -378,21 +425,31 @@ class Explainer:
         else:
             chosen = targets if targets is not None else np.argmax(logits, axis=1)
             scores = logits[np.arange(n), chosen]
-        m = len(self.nodes)
+        chosen, scores = np.asarray(chosen, np.int64), scores.astype(np.float32)
+        results = {name: (graph_outputs[1 + j], logits, chosen, scores,
+                          graph_outputs[1 + len(in_graph) + j * m:1 + len(in_graph) + (j + 1) * m], 0.0)
+                   for j, name in enumerate(in_graph)}
         activations = [self._channels_first(a, x) for a in outputs[1:1 + m]]
         gradients = [self._channels_first(g, x, like=a) for g, a in zip(outputs[1 + m:1 + 2 * m],
                                                                         outputs[1:1 + m])]
-        batch = _Batch(x, np.asarray(chosen, np.int64), map_weights, activations, gradients,
+        batch = _Batch(x, chosen, map_weights, activations, gradients,
                        dict(batch_size=batch_size, max_channels=max_channels, progress=progress))
-        layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
-                                                        for need in spec.needs}))
-                      for i, a in enumerate(activations)]
         size = self.input_spatial(x)
-        if spec.fuse_raw:     # LeGrad: the blocks' maps averaged before the one normalisation
-            maps = fuse_layers([layer_to_input(np.mean(layer_maps, axis=0), size)])
-        else:
-            maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
-        return (maps.astype(np.float32), logits, batch.chosen, scores.astype(np.float32), layer_maps)
+        shared = time.perf_counter() - start
+        for spec in specs:
+            if spec.name in results:
+                continue
+            begin = time.perf_counter()
+            layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
+                                                            for need in spec.needs}))
+                          for i, a in enumerate(activations)]
+            if spec.fuse_raw:     # LeGrad: the blocks' maps averaged before the one normalisation
+                maps = fuse_layers([layer_to_input(np.mean(layer_maps, axis=0), size)])
+            else:
+                maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
+            results[spec.name] = (maps.astype(np.float32), logits, chosen, scores, layer_maps,
+                                  time.perf_counter() - begin)
+        return shared, {spec.name: results[spec.name] for spec in specs}
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like

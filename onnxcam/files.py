@@ -22,6 +22,7 @@ from .image_header import DEFAULT_MAX_PIXELS
 from .naming import output_keys
 from .preprocess import IMAGE_SUFFIXES, Preprocessing, read_image, read_regular_file
 from .runtime import first_line
+from .profile import phase
 
 
 @dataclass
@@ -292,6 +293,10 @@ class FileExplainer:
             self.on_failure(path, message)
 
     def _load_batch(self, paths: list[Path]):
+        with phase("reading"):
+            return self._read_batch(paths)
+
+    def _read_batch(self, paths: list[Path]):
         rank = self.explainer.model.input.rank
         items, failed = [], []
         for p in paths:
@@ -319,13 +324,15 @@ class FileExplainer:
     def _explain_batch(self, items: list[InputItem], x: np.ndarray, protected: set[Path]):
         for rank, targets in enumerate(self._targets_per_rank(x), start=1):
             rank_tag = rank if self.top_k else None
-            explanations: dict[str, Explanation] = {}
-            for method in self.methods:
-                explanations[method] = self.explainer.explain(
-                    x, method=method, targets=targets, batch_size=self.batch_size,
+            # every method from one run of the model (explain_many): --method all costs one pass
+            with phase("run"):
+                explanations: dict[str, Explanation] = self.explainer.explain_many(
+                    x, self.methods, targets=targets, batch_size=self.batch_size,
                     max_channels=self.max_channels, progress=self.progress, target_mask=self.target_mask)
             for i, item in enumerate(items):
-                yield from self._write(item, i, explanations, rank, rank_tag, protected)
+                with phase("writing"):
+                    written = list(self._write(item, i, explanations, rank, rank_tag, protected))
+                yield from written
 
     def _picture(self, item: InputItem, i: int, method: str, cam: np.ndarray) -> np.ndarray:
         """The picture written for sample ``i`` of the batch (detectors draw their box on it)."""

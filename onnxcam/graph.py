@@ -90,11 +90,15 @@ def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A light copy for shape inference: large initializers without their data."""
     light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
                             functions=model.functions)
     graph = light.graph
     for name in ("node", "input", "output", "value_info"):
         getattr(graph, name).extend(getattr(model.graph, name))
+    for node in graph.node:   # onnxruntime's com.microsoft Q/DQ infer like the standard ops
+        if node.domain == "com.microsoft" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.domain = ""
     for init in model.graph.initializer:
         if int(np.prod(init.dims)) > SMALL_CONSTANT_ELEMENTS:
             init = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)

@@ -159,24 +159,27 @@ def _read_proto(path: Path) -> onnx.ModelProto:
 
 
 def check_structure(proto: onnx.ModelProto, label: str) -> None:
-    """Refuse a damaged model before any graph code reads it: onnx's checker (names, ops, types,
-    attribute kinds), plus names that are not text (protobuf hands invalid UTF-8 back as bytes)."""
-    graph = proto.graph
-    names = [graph.name]
-    for node in graph.node:
-        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
-    names += [vi.name for vi in list(graph.input) + list(graph.output) + list(graph.value_info)]
-    names += [init.name for init in graph.initializer]
-    if any(not isinstance(n, str) for n in names):
-        raise OnnxcamError(f"{label} has names that are not valid UTF-8 text; the file is damaged, "
-                           "export the model again")
-    if proto.ByteSize() < 2**31 - 1:
-        try:
-            onnx.checker.check_model(proto)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()
-            raise OnnxcamError(f"{label} is not a valid ONNX model ({reason[0][:200] if reason else type(exc).__name__}); "
-                               "export it again") from None
+    """Refuse a damaged model before any graph code reads it: protobuf hands a string field that is
+    not valid UTF-8 back as bytes, which every later step (names, metadata, ONNX Runtime) trips on."""
+    if _bad_text(proto):
+        raise OnnxcamError(f"{label} has names or metadata that are not valid UTF-8 text; the file is "
+                           "damaged, export the model again")
+
+
+def _bad_text(message) -> bool:
+    from google.protobuf.descriptor import FieldDescriptor
+    for field, value in message.ListFields():
+        repeated = (field.is_repeated if hasattr(field, "is_repeated")
+                    else field.label == FieldDescriptor.LABEL_REPEATED)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if repeated else [value]
+            if any(not isinstance(v, str) for v in values):
+                return True
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            values = value if repeated else [value]
+            if any(_bad_text(v) for v in values):
+                return True
+    return False
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:

@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-import cv2
+from ._lazy import cv2
 import numpy as np
 
 from .atomic import write_atomic

@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
+from ._lazy import cv2
 import numpy as np
 
 from . import layouts
@@ -168,6 +168,12 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except MemoryError:
         raise OnnxcamError(f"not enough memory to decode {path}; lower --max-pixels or free memory") from None
     except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+            raise OnnxcamError(f"input {path} is over OpenCV's pixel limit (OPENCV_IO_MAX_IMAGE_PIXELS="
+                               f"{os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 'default')}, fixed at the first "
+                               "image this process read); raise it in the environment") from None
+        if "Insufficient memory" in str(exc):
+            raise OnnxcamError(f"not enough memory to decode {path}; lower --max-pixels or free memory") from None
         raise OnnxcamError(f"input {path} is not a readable image ({_cv2_reason(exc)})") from None
     if image is None:
         raise OnnxcamError(f"input {path} is not a readable image (PNG, JPEG, BMP, TIFF, WebP); "

@@ -4,7 +4,7 @@ Colouring follows pytorch-grad-cam: OpenCV's JET colormap of the [0, 1] map, ble
 """
 from __future__ import annotations
 
-import cv2
+from ._lazy import cv2
 import numpy as np
 
 from .errors import OnnxcamError

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import OnnxcamError, shape_text
+from .profile import phase
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _MISSING_RUNTIME = ("ONNX Runtime is not installed; install one of the extras: "
@@ -61,8 +62,9 @@ class Runner:
         data = model if isinstance(model, bytes) else model.SerializeToString()
         providers = execution_providers(provider)
         try:
-            self.session = ort.InferenceSession(data, sess_options=session_options(threads),
-                                                providers=providers)
+            with phase("session"):
+                self.session = ort.InferenceSession(data, sess_options=session_options(threads),
+                                                    providers=providers)
         except Exception as exc:
             raise OnnxcamError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
         self.output_names = list(output_names)

@@ -313,9 +313,10 @@ class Upsampler(torch.nn.Module):
         return self.up(self.features(x))
 
 
-@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("size,backend", [((32, 32), "portable"), ((24, 40), "portable"), ((24, 40), "auto")])
 @pytest.mark.parametrize("method", ["gradcam", "hirescam"])
-def test_opset12_free_height_width_convtranspose_head_with_a_mask(tmp_path, size, method):
+def test_opset12_free_height_width_convtranspose_head_with_a_mask(tmp_path, size, backend, method):
+    """ConvTranspose's gradient has no CPU kernel in onnxruntime-training: auto takes the portable rules."""
     net = Upsampler().eval()
     path = export(net, [torch.zeros(1, 3, 32, 32)], tmp_path / "det.onnx", ["x"], ["prob_map"],
                   {"x": {0: "n", 2: "h", 3: "w"}, "prob_map": {0: "n", 2: "h", 3: "w"}}, opset=12)
@@ -332,8 +333,9 @@ def test_opset12_free_height_width_convtranspose_head_with_a_mask(tmp_path, size
         def forward(self, image):
             return (self.net(image) * torch.from_numpy(mask)).sum((2, 3))
 
-    explainer = Explainer(str(path), "features", grad_backend="portable", input_shape=(1, 3, *size))
+    explainer = Explainer(str(path), "features", grad_backend=backend, input_shape=(1, 3, *size))
     result = explainer.explain(x, method, targets=1, target_mask=mask)
+    assert explainer.gradient_backend_used == "portable"
     expected = torch_oracle.reference_maps(method, Masked(), net.features, x, [1, 1])
     np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)
 
@@ -431,3 +433,39 @@ def test_size_sets_the_length_of_a_signal_model_with_a_symbolic_length(tmp_path)
     assert np.load(tmp_path / "b" / "s_gradcam.npy").shape == (40,)
     wrong = CliRunner().invoke(main, [*base, "--size", "40,40", "--out", str(tmp_path / "c")])
     assert wrong.exit_code == 1 and "has 1 spatial axes; give L" in wrong.stderr
+
+
+class Recogniser(torch.nn.Module):
+    """A text-recogniser-like net: an image in, per-column class scores out, batch-first (N, T, K)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+        self.classify = torch.nn.Conv2d(6, 4, 1)
+
+    def forward(self, image):
+        return self.classify(self.features(image)).mean(2).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam"])
+def test_batch_first_sequence_output_of_an_image_model(tmp_path, method):
+    """(N, T, K) from an image: the class axis is the last one (not a map's axis 1)."""
+    net = Recogniser().eval()
+    path = export(net, [torch.zeros(1, 3, 8, 24)], tmp_path / "rec.onnx", ["image"], ["scores"],
+                  {"image": {0: "n"}, "scores": {0: "n"}})
+    x = np.random.default_rng(10).normal(size=(2, 3, 8, 24)).astype(np.float32)
+    explainer = Explainer(str(path), "features")
+    result = explainer.explain(x, method=method, targets=[3, 0])
+    assert (explainer.scored_output(x).batch_axis, explainer.scored_output(x).class_axis) == (0, 2)
+
+    class Summed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, image):
+            return self.net(image).sum(1)
+
+    expected = torch_oracle.reference_maps(method, Summed(), net.features, x, [3, 0])
+    np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)

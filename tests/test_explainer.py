@@ -98,14 +98,23 @@ def test_non_spatial_node_is_refused(model):
 def test_second_explainer_reads_the_augmented_model_from_the_cache(model, x, tmp_path, monkeypatch):
     import onnxcam.explainer as explainer_module
     monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
-    first = Explainer(model, "/features/relu/Relu", grad_backend="portable").explain(x).maps
-    assert len(list(tmp_path.iterdir())) == 1
+    import onnxcam.derived as derived_module
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
+    first = Explainer(model, "/features/relu/Relu", grad_backend="portable", maps="numpy").explain(x).maps
+    # the augmented model and the node table (shapes inference + probe), both keyed by the model bytes
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".onnxcam"]
+    fresh = Explainer(model, "/features/relu/Relu", cache=False).candidates
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the augmented model was built again")
 
+    def no_node_table(*args, **kwargs):
+        raise AssertionError("the node table was computed again")
+
     monkeypatch.setattr(explainer_module, "build_gradient_augmented_model", no_rebuild)
-    again = Explainer(model, "/features/relu/Relu", grad_backend="portable")
+    monkeypatch.setattr(derived_module, "list_candidates", no_node_table)
+    again = Explainer(model, "/features/relu/Relu", grad_backend="portable", maps="numpy")
+    assert again.candidates == fresh
     np.testing.assert_array_equal(again.explain(x).maps, first)
     assert again.gradient_backend_used == "portable"
     with pytest.raises(AssertionError, match="built again"):

@@ -99,6 +99,38 @@ def test_quantized_conv_chain_finite_differences():
     assert np.abs(g).max() > 1
 
 
+def test_contrib_16bit_qdq_finite_differences():
+    """onnxruntime's com.microsoft QuantizeLinear/DequantizeLinear (what the quantizer writes for
+    16-bit activations below opset 21): the same rules, shapes inferred as for the standard ops."""
+    rng = np.random.default_rng(6)
+    x = rng.uniform(-0.2, 0.3, size=(2, 3, 4)).astype(np.float32)
+    x.flat[:4] = [0.5, 0.6, -0.4, -0.5]                  # outside [-0.32767, 0.32768]: saturated
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], domain="com.microsoft"),
+             h.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], domain="com.microsoft")]
+    consts = {"s": np.array(1e-5, np.float32), "zp": np.array(32767, np.uint16)}
+    from onnx import numpy_helper
+    from test_portable_rules import session
+    r = np.random.default_rng(7).normal(size=x.shape)
+    nodes += [h.make_node("Cast", ["y"], ["y64"], to=TensorProto.DOUBLE),
+              h.make_node("Mul", ["y64", "R"], ["w"]),
+              h.make_node("ReduceSum", ["w"], ["score"], keepdims=0)]
+    inits = [numpy_helper.from_array(v, k) for k, v in {**consts, "R": r}.items()]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                         [h.make_tensor_value_info("score", TensorProto.DOUBLE, [])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    built = portable.build(model, "score", ["x"])
+    (g,) = session(built).run([gradient_name_of("x")], {"x": x})
+    fd = finite_differences(model, {"x": x}, "x", 5e-3)
+    np.testing.assert_allclose(g, fd, atol=0.05)
+    assert np.all(g.flat[:4] == 0) and np.all(g.flat[4:] != 0)
+
+
+def gradient_name_of(t):
+    from onnxcam.gradients import gradient_name
+    return gradient_name(t)
+
+
 def test_dynamic_quantize_linear_finite_differences():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(3, 4)).astype(np.float32)
@@ -150,25 +182,33 @@ def qdq_efficientnet(efficientnet_tools, tmp_path_factory):
         def get_next(self):
             return next(self.items, None)
 
-    out = tmp_path_factory.mktemp("qdq") / "efficientnet_lite0_qdq.onnx"
-    quantize_static(str(fp32), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+    folder = tmp_path_factory.mktemp("qdq")
+    int8 = folder / "efficientnet_lite0_qdq.onnx"
+    quantize_static(str(fp32), str(int8), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    return fp32, out
+    int16 = folder / "efficientnet_lite0_qdq16.onnx"      # 16-bit activations: com.microsoft Q/DQ
+    quantize_static(str(fp32), str(int16), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8,
+                    extra_options={"UseQDQContribOps": True})
+    assert {n.domain for n in onnx.load(str(int16)).graph.node if n.op_type == "QuantizeLinear"} == {"com.microsoft"}
+    return fp32, {"int8": int8, "int16": int16}
 
 
 CORRELATIONS = {}
 
 
-@pytest.mark.parametrize("node", ["_swish_1", "_blocks.15"])
-def test_qdq_efficientnet_maps_match_the_float_model(qdq_efficientnet, photos, node):
-    """Every gradient method on the int8 QDQ build correlates with the float model (was all-zero).
-    Measured (chelsea, coffee, rocket, astronaut): >= 0.997 at `_swish_1` (the last conv layer) for
-    every method; at `_blocks.15` (a linear projection, signed activations) >= 0.985 except XGrad-CAM,
-    whose weights divide by the channel sums of signed activations (-0.25 to 0.99), left out there."""
+@pytest.mark.parametrize("bits,node", [("int8", "_swish_1"), ("int8", "_blocks.15"), ("int16", "_swish_1")])
+def test_qdq_efficientnet_maps_match_the_float_model(qdq_efficientnet, photos, bits, node):
+    """Every gradient method on the QDQ builds correlates with the float model (int8 was all-zero).
+    Measured (chelsea, coffee, rocket, astronaut): int8 >= 0.997 at `_swish_1` (the last conv layer)
+    for every method; at `_blocks.15` (a linear projection, signed activations) >= 0.985 except
+    XGrad-CAM, whose weights divide by the channel sums of signed activations (-0.25 to 0.99), left
+    out there; 16-bit activations (com.microsoft Q/DQ) >= 0.996 at `_swish_1`."""
     from onnxcam import Explainer
-    fp32, quantized = qdq_efficientnet
+    fp32, builds = qdq_efficientnet
+    quantized = builds[bits]
     reference = Explainer(fp32, node=node, cache=False)
     explainer = Explainer(quantized, node=node, cache=False)
     assert explainer.gradient_backend_used is None
@@ -178,8 +218,8 @@ def test_qdq_efficientnet_maps_match_the_float_model(qdq_efficientnet, photos, n
         a, b = reference.explain(photos, method=method), explainer.explain(photos, method=method)
         np.testing.assert_array_equal(a.targets, b.targets)
         corr = [float(np.corrcoef(a.maps[i].ravel(), b.maps[i].ravel())[0, 1]) for i in range(len(photos))]
-        CORRELATIONS[(node, method)] = corr
-        print(f"QDQ vs float32 {node} {method}: " + " ".join(f"{c:.3f}" for c in corr))
+        CORRELATIONS[(bits, node, method)] = corr
+        print(f"QDQ {bits} vs float32 {node} {method}: " + " ".join(f"{c:.3f}" for c in corr))
         assert min(corr) >= 0.9, (method, corr)
     assert explainer.gradient_backend_used == "portable"
 

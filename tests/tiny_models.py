@@ -260,4 +260,6 @@ def channels_last_1d(length: int = 24, channels: int = 2, filters: int = 6, clas
                                                                            ["N", length, channels])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
                               [w, fc])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8          # onnxruntime-training 1.19 reads IR versions up to 10
+    return model

@@ -16,8 +16,18 @@ timed run (a single run is already hundreds of forward passes).
 Models: ``efficientnet`` (pretrained EfficientNet-Lite0 from tools/make_efficientnet.py, node
 ``_blocks.15`` = torch ``model._blocks[-1]``), ``resnet50`` (tools/resnet.py, seeded random weights,
 node ``layer4`` = torch ``model.layer4[-1]``), or a path to any .onnx (onnxcam only, node ``auto``).
-Methods: gradcam, layercam, scorecam, all through Explainer.explain (Score-CAM with its in-graph
-scorer; the number of distinct masks it scored gives the floor).
+Methods: gradcam, layercam (each twice: maps from the NumPy engine and maps computed in the session),
+``all`` (Explainer.explain_many of the applicable methods of `--method all` without Score-CAM, timed
+against Grad-CAM alone in the same process), scorecam (its in-graph scorer; the number of distinct masks
+it scored gives the floor; ``--scorecam-channels K`` for Faster Score-CAM).
+``--cli`` also times one `onnxcam explain` call on one photo with a warm cache and prints one
+``--profile`` line. On a machine other jobs load, ``--threads 1 --clock cpu`` measures the process's CPU
+time, which their load barely moves; ratios in brackets pair each run with the forward pass timed just
+before it.
+
+    python tools/bench.py --model efficientnet --threads 1 --clock cpu --skip-torch
+    python tools/bench.py --model resnet50 --threads 1 --clock cpu --scorecam-channels 256 --skip-torch
+    python tools/bench.py --model efficientnet --methods gradcam,layercam,all --cli --skip-torch
 """
 from __future__ import annotations
 
@@ -38,7 +48,8 @@ sys.path.insert(0, str(ROOT))   # this checkout's onnxcam, whatever the environm
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 GRADIENT_METHODS = ("gradcam", "layercam")
-ALL_METHODS = ("gradcam", "layercam", "scorecam")
+ALL_METHODS = ("gradcam", "layercam", "all", "scorecam")
+SEVEN = ("cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam")   # --method all
 TORCH_CLASSES = {"gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM"}
 
 
@@ -148,13 +159,17 @@ def worker(job: dict) -> dict:
     so all see the same machine load; the best and the median of ``repeats`` are kept."""
     import numpy as np
 
+    global _clock
     threads, repeats = job["threads"], job["repeats"]
-    inputs = {b: np.load(job[f"x{b}"]) for b in (1, 32)}
+    _clock = CLOCK[job.get("clock", "wall")]
+    inputs = job_inputs(job)
     slow = bool(job["method"]) and job["method"].startswith("scorecam")
-    makers = {"ort": _ort_job, "onnxcam": _onnxcam_job, "torch": _torch_job}
+    makers = {"ort": _ort_job, "onnxcam": _onnxcam_job, "graph": _onnxcam_job, "gradcam": _onnxcam_job,
+              "torch": _torch_job}
     result, runs, samples = {}, {}, {}
     for tool in job["tools"]:
-        runs[tool] = makers[tool](job, threads)
+        runs[tool] = makers[tool](job, threads) if makers[tool] is not _onnxcam_job else \
+            _onnxcam_job(job, threads, tool)
         entry = result[tool] = {"times": {}, "median": {}, "peak_mb": {}}
         samples[tool] = {b: [] for b in job["batches"]}
         for b in job["batches"]:
@@ -172,11 +187,16 @@ def worker(job: dict) -> dict:
     forward_samples = {b: [] for b in (1, 32)}
     for b in (1, 32):
         forward(inputs[b])
+    paired = {tool: {b: [] for b in job["batches"]} for tool in runs}
     for round_ in range(repeats):
         for tool in runs:
             if not slow or round_ == 0:      # Score-CAM: one timed run after the warm-up
                 for b in job["batches"]:
+                    # a forward pass right before each run: their ratio is robust to slow load drifts
+                    reference = _seconds(forward, inputs[b])
+                    forward_samples[b].append(reference)
                     samples[tool][b].append(_seconds(runs[tool], inputs[b]))
+                    paired[tool][b].append(samples[tool][b][-1] / reference)
         for b in (1, 32):
             forward_samples[b].append(_seconds(forward, inputs[b]))
     forward_best = {str(b): min(v) for b, v in forward_samples.items()}
@@ -184,17 +204,25 @@ def worker(job: dict) -> dict:
         for b, values in per_batch.items():
             result[tool]["times"][str(b)] = min(values)
             result[tool]["median"][str(b)] = statistics.median(values)
+            result[tool].setdefault("paired_median", {})[str(b)] = statistics.median(paired[tool][b])
         result[tool]["forward"] = forward_best
+        result[tool]["forward_median"] = {str(b): statistics.median(v) for b, v in forward_samples.items()}
+    if job.get("all_methods"):
+        result["all_methods"] = job["all_methods"]
     return result
+
+
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
 
 
 def _seconds(fn, x) -> float:
     # Let the previous call's thread pools (another ORT session's, torch's OpenMP) stop spinning, so
     # short batch-1 runs are not charged for the CPU time of the call before them.
     time.sleep(0.05)
-    start = time.perf_counter()
+    start = _clock()
     fn(x)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def _ort_job(job, threads):
@@ -209,22 +237,48 @@ def _ort_job(job, threads):
     return run
 
 
-def _onnxcam_job(job, threads):
+def _onnxcam_job(job, threads, tool="onnxcam"):
+    """tool ``onnxcam``: maps from the NumPy engine; ``graph``: maps computed in the session;
+    ``gradcam``: Grad-CAM alone (the yardstick of method ``all``) with the engine ``all`` uses."""
     from onnxcam import Explainer
 
-    explainer = Explainer(job["onnx"], job["node"], provider="cpu", threads=threads)
     method = job["method"]
+    maps = {"onnxcam": "numpy", "graph": "graph"}.get(tool, job.get("all_maps", "auto"))
+    if method == "all" and tool == "onnxcam":
+        maps = job.get("all_maps", "auto")
+    explainer = Explainer(job["onnx"], job["node"], provider="cpu", threads=threads, maps=maps)
+    if method == "all" or tool == "gradcam":
+        methods = [m for m in SEVEN if _applies(explainer, m)] if tool != "gradcam" else ["gradcam"]
+        explainer.explain_many(job_inputs(job)[1], methods)      # sessions built before the baseline
+        job.setdefault("all_methods", methods)
+        return lambda x: (explainer.explain_many(x, methods)[methods[0]].maps, None)
     if method in GRADIENT_METHODS:
-        explainer.gradient_session()       # session built before the memory baseline
+        explainer.explain(job_inputs(job)[1], method=method)     # session built before the memory baseline
         return lambda x: (explainer.explain(x, method=method).maps, None)
     explainer.forward_session()
     scorer = explainer.scorecam.in_graph_scorer()      # the in-graph scorer Explainer.explain uses
 
     def run(x):
         before = scorer.masks_scored if scorer else 0
-        maps = explainer.explain(x, method="scorecam", batch_size=32).maps
+        maps = explainer.explain(x, method="scorecam", batch_size=32, max_channels=job.get("max_channels")).maps
         return maps, (scorer.masks_scored - before) / len(x) if scorer else None
     return run
+
+
+def _applies(explainer, method: str) -> bool:
+    from onnxcam import OnnxcamError
+    try:
+        explainer.check_method(method)
+        return True
+    except OnnxcamError:
+        return False
+
+
+def job_inputs(job) -> dict:
+    import numpy as np
+    if "_inputs" not in job:
+        job["_inputs"] = {b: np.load(job[f"x{b}"]) for b in (1, 32)}
+    return job["_inputs"]
 
 
 def _torch_job(job, threads):
@@ -275,16 +329,17 @@ def _max_diff(a: dict, b: dict, batch: int):
     return float(np.abs(x - y).max()) if x.shape == y.shape else float("nan")
 
 
-def report(spec: dict, results: dict, threads: int) -> tuple[str, dict]:
+def report(spec: dict, results: dict, threads: int, clock: str = "wall") -> tuple[str, dict]:
     forward = results["ort"]
     f1, f32 = _time(forward, 1), _time(forward, 32)
-    lines = [f"### {spec['name']} — node `{spec['node']}`, {threads} threads",
+    lines = [f"### {spec['name']} — node `{spec['node']}`, {threads} threads, {clock} clock",
              "",
              f"Plain ORT forward: batch 1 {_ms(f1)}, batch 32 {_ms(f32)} per image; "
              f"peak memory +{forward['peak_mb'].get('1', 0):.0f} / +{forward['peak_mb'].get('32', 0):.0f} MB",
              "",
              "Times are the best of the repeats (the median is in --json); ×fwd compares with a plain forward "
-             "pass timed alternately in the same process. Score-CAM: one image, one run.",
+             "pass timed alternately in the same process: best / best, and in brackets the median over "
+             "rounds of (run / the forward pass timed just before it). Score-CAM: one image, one run.",
              "",
              "| method | onnxcam b1 | ×fwd b1 | onnxcam b32 /img | ×fwd b32 | peak MB b1/b32 | "
              "pytorch-grad-cam b1 | b32 /img | speed-up b1 | b32 | max map diff |",
@@ -301,21 +356,83 @@ def report(spec: dict, results: dict, threads: int) -> tuple[str, dict]:
         peak = ours["peak_mb"]
         torch_b1 = _ms(t1) if theirs and "error" not in theirs else (theirs or {}).get("error", "—")[:60]
         diff_text = f"{max(diffs):.2e}" if diffs else "—"
-        lines.append(f"| {method} | {_ms(o1)} | {_ratio(o1, g1)} | {_ms(o32)} | {_ratio(o32, g32)} | "
+        pm = ours.get("paired_median", {})
+        p1 = f" ({pm['1']:.2f}×)" if "1" in pm else ""
+        p32 = f" ({pm['32']:.2f}×)" if "32" in pm else ""
+        lines.append(f"| {method} | {_ms(o1)} | {_ratio(o1, g1)}{p1} | {_ms(o32)} | {_ratio(o32, g32)}{p32} | "
                      f"{peak.get('1', 0):.0f} / {peak.get('32', 0):.0f} | {torch_b1} | {_ms(t32)} | "
                      f"{_ratio(t1, o1)} | {_ratio(t32, o32)} | {diff_text} |")
         entry = {"median_s": ours.get("median"), "onnxcam_b1_s": o1, "onnxcam_b32_per_image_s": o32, "forward_b1_s": g1,
                  "forward_b32_per_image_s": g32, "vs_forward_b1": o1 / g1 if o1 else None,
+                 "paired_median_vs_forward": pm,
                  "vs_forward_b32": o32 / g32 if o32 else None, "torch_b1_s": t1,
                  "torch_b32_per_image_s": t32, "peak_mb": peak, "max_map_diff": max(diffs) if diffs else None}
         masks = ours.get("masks_per_image", {}).get("1")
         if masks is not None:
             floor = masks * g32
-            entry.update(distinct_masks=masks, floor_s=floor, vs_floor=o1 / floor)
+            median32 = ours.get("forward_median", {}).get("32")
+            floor_median = masks * median32 / 32 if median32 else None
+            entry.update(distinct_masks=masks, floor_s=floor, vs_floor=o1 / floor, floor_median_s=floor_median,
+                         vs_floor_median=o1 / floor_median if floor_median else None)
             lines.append(f"|   ↳ {method}: {masks:.0f} distinct masks × {_ms(g32)} = {_ms(floor)} floor; "
-                         f"onnxcam {_ratio(o1, floor)} of it |" + " |" * 10)
+                         f"onnxcam {_ratio(o1, floor)} of it ({_ratio(o1, floor_median)} of the floor from the "
+                         "median forward: one Score-CAM run meets the median load, not the best) |" + " |" * 10)
         summary["methods"][method] = entry
+    if results.get("all_methods"):
+        ours = results["methods"].get(next(k for k in results["methods"] if k.startswith("all (")))[0]
+        alone = results["methods"].get("gradcam alone (same engine)")[0]
+        if ours and alone and "error" not in ours and "error" not in alone:
+            lines.append(f"|   ↳ all = {', '.join(results['all_methods'])} ({len(results['all_methods'])} methods, "
+                         f"one run): {_ratio(_time(ours, 1), _time(alone, 1))} Grad-CAM alone at b1, "
+                         f"{_ratio(_time(ours, 32), _time(alone, 32))} at b32 |" + " |" * 10)
+            summary["all_vs_gradcam"] = {"b1": _time(ours, 1) / _time(alone, 1),
+                                         "b32": _time(ours, 32) / _time(alone, 32),
+                                         "methods": results["all_methods"]}
     return "\n".join(lines), summary
+
+
+def cli_report(spec: dict, args) -> tuple[str, dict]:
+    """Wall time of one `onnxcam explain` call on one photo with a warm cache (Grad-CAM and --method all),
+    each repeated --repeats times in turns, and one --profile breakdown of the fastest kind."""
+    import numpy as np
+    from skimage import data
+    import cv2
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="onnxcam-cli-") as tmp:
+        photo = Path(tmp) / "chelsea.png"
+        cv2.imwrite(str(photo), np.ascontiguousarray(data.chelsea()[..., ::-1]))
+        env = dict(os.environ, ONNXCAM_CACHE_DIR=str(Path(tmp) / "cache"), ONNXCAM_THREADS=str(args.threads),
+                   PYTHONPATH=str(ROOT))
+        node = [] if spec["node"] == "auto" else ["--node", spec["node"]]
+        maps = [] if args.cli_maps == "auto" else ["--maps", args.cli_maps]
+        from onnxcam import Explainer
+        explainer = Explainer(spec["onnx"], spec["node"], provider="cpu")
+        seven = ",".join(m for m in SEVEN if _applies(explainer, m))    # --method all without Score-CAM
+        kinds = {"gradcam": ["--method", "gradcam"], "all": ["--method", seven]}
+
+        def command(kind, *extra):
+            return [sys.executable, "-m", "onnxcam.cli", "explain", str(Path(spec["onnx"]).resolve()), str(photo), *node,
+                    *kinds[kind], *maps, "--out", str(Path(tmp) / kind), "--overwrite", *extra]
+
+        for kind in kinds:       # cold run: fills the cache
+            subprocess.run(command(kind), check=True, capture_output=True, env=env, cwd=tmp)
+        times = {kind: [] for kind in kinds}
+        for _ in range(args.repeats):
+            for kind in kinds:
+                start = time.perf_counter()
+                subprocess.run(command(kind), check=True, capture_output=True, env=env, cwd=tmp)
+                times[kind].append(time.perf_counter() - start)
+        profile = subprocess.run(command("gradcam", "--profile"), check=True, capture_output=True, text=True,
+                                 env=env, cwd=tmp).stderr.strip().splitlines()[-1]
+    lines = [f"`onnxcam explain` on one photo, warm cache, {args.threads} threads ({args.repeats} runs each, "
+             "in turns): best / median wall", ""]
+    for kind, values in times.items():
+        out[kind] = {"best_s": min(values), "median_s": statistics.median(values), "args": kinds[kind] + maps}
+        lines.append(f"- `{' '.join(kinds[kind] + maps)}`: {min(values):.3f} s / {statistics.median(values):.3f} s")
+    lines += ["", f"`--profile` (Grad-CAM): {profile}"]
+    out["profile"] = profile
+    return "\n".join(lines), out
 
 
 def main(argv=None) -> int:
@@ -330,6 +447,17 @@ def main(argv=None) -> int:
     parser.add_argument("--node", help="explain this node instead of the model's last block (e.g. an early "
                         "one, to see the cost of a deep backward pass); pytorch-grad-cam is then skipped")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--all-maps", choices=("auto", "graph", "numpy"), default="auto",
+                        help="maps engine for method `all` and its Grad-CAM yardstick")
+    parser.add_argument("--cli", action="store_true", help="also time `onnxcam explain` on one photo "
+                        "(warm cache), interleaved --repeats times, with one --profile breakdown")
+    parser.add_argument("--scorecam-channels", type=int, help="Score-CAM with --max-channels K (Faster "
+                        "Score-CAM: fewer masks, the same floor ratio, minutes less on ResNet-50)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time (use with --threads 1: on a "
+                             "machine other jobs load, CPU time of one thread barely moves with their load)")
+    parser.add_argument("--cli-maps", choices=("auto", "graph", "numpy"), default="auto",
+                        help="--maps for the --cli runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -356,30 +484,46 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxcam-bench-") as tmp:
         x1, x32 = make_inputs(spec, Path(tmp))
         base = {"onnx": spec["onnx"], "node": spec["node"], "torch": spec["torch"], "threads": args.threads,
+                "clock": args.clock,
                 "repeats": args.repeats, "x1": str(x1), "x32": str(x32), "out_dir": tmp}
         print(f"[{spec['name']}] ORT forward ...", file=sys.stderr)
         forward = run_job(dict(base, tools=["ort"], method=None, batches=[1, 32]))
         if "error" in forward:
             raise SystemExit(f"plain forward failed: {forward['error']}")
         results = {"ort": forward["ort"], "methods": {}}
-        torch_scorecam = args.torch_scorecam == "yes" or (args.torch_scorecam == "auto"
-                                                         and spec["torch"] == "efficientnet")
+        torch_scorecam = (args.torch_scorecam == "yes" or (args.torch_scorecam == "auto"
+                                                          and spec["torch"] == "efficientnet")) \
+            and not args.scorecam_channels      # pytorch-grad-cam has no Faster Score-CAM
         torch_done = {}
         for method in methods:
             batches = [1] if method.startswith("scorecam") else [1, 32]
-            torch_class = TORCH_CLASSES[method]
-            tools = ["onnxcam"]
-            if use_torch and torch_class not in torch_done and (not method.startswith("scorecam")
-                                                                or torch_scorecam):
+            torch_class = TORCH_CLASSES.get(method)
+            tools = ["onnxcam", "gradcam"] if method == "all" else ["onnxcam"]
+            if method in GRADIENT_METHODS:
+                tools.append("graph")      # the same method with its maps computed in the session
+            if use_torch and torch_class and torch_class not in torch_done and (
+                    not method.startswith("scorecam") or torch_scorecam):
                 tools.append("torch")
             print(f"[{spec['name']}] {' + '.join(tools)} {method} ...", file=sys.stderr)
-            got = run_job(dict(base, tools=tools, method=method, batches=batches))
+            got = run_job(dict(base, tools=tools, method=method, batches=batches, all_maps=args.all_maps,
+                               max_channels=args.scorecam_channels))
             if "error" in got:
                 got = {tool: got for tool in tools}
             if "torch" in got:
                 torch_done[torch_class] = got["torch"]
-            results["methods"][method] = (got["onnxcam"], torch_done.get(torch_class))
-        table, summary = report(spec, results, args.threads)
+            if method == "all":
+                results["methods"][f"all ({args.all_maps} maps)"] = (got["onnxcam"], None)
+                results["methods"]["gradcam alone (same engine)"] = (got["gradcam"], None)
+                results["all_methods"] = got.get("all_methods")
+                continue
+            label = f"{method} (NumPy maps)" if method in GRADIENT_METHODS else method
+            results["methods"][label] = (got["onnxcam"], torch_done.get(torch_class))
+            if "graph" in got:
+                results["methods"][f"{method} (in-graph maps)"] = (got["graph"], torch_done.get(torch_class))
+        table, summary = report(spec, results, args.threads, args.clock)
+        if args.cli:
+            cli_table, summary["cli"] = cli_report(spec, args)
+            table += "\n\n" + cli_table
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

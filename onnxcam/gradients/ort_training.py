@@ -24,6 +24,15 @@ MAX_IR_VERSION = 10  # highest IR version onnxruntime 1.19.2 loads; IR 10 covers
 _TWO_GIB = 2 ** 31
 
 
+class BuilderFailure(OnnxcamError):
+    """GradientGraphBuilder could not build the gradient: ``reason`` says why (no advice), the message
+    adds the advice for a user who chose this backend; ``auto`` writes its own advice instead."""
+
+    def __init__(self, reason: str, advice: str):
+        super().__init__(f"{reason}; {advice}")
+        self.reason = reason
+
+
 def build(model: onnx.ModelProto, score: str, wrt: list[str]) -> onnx.ModelProto:
     """Model with the original outputs followed by d score / d t for each t in ``wrt``."""
     _check_request(model, score, wrt)
@@ -46,8 +55,8 @@ def _check_request(model: onnx.ModelProto, score: str, wrt: list[str]) -> None:
         raise OnnxcamError("the model's external data is not loaded; load it with onnxcam's model loader "
                            "(or onnx.load with load_external_data=True)")
     if model.ByteSize() >= _TWO_GIB:
-        raise OnnxcamError("the model is over 2 GiB, more than the ort-training backend can pass to "
-                           "ONNX Runtime; use --grad-backend portable")
+        raise BuilderFailure("the model is over 2 GiB, more than the ort-training backend can pass to "
+                             "ONNX Runtime", "use --grad-backend portable")
 
 
 def _with_supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -60,10 +69,10 @@ def _with_supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             converted = version_converter.convert_version(model, target)
         except Exception as error:
-            raise OnnxcamError(
+            raise BuilderFailure(
                 f"the model uses opset {opset}, which onnxruntime-training 1.19.2 does not run, and it could "
-                f"not be converted to opset {target} ({_summary(error)}); re-export the model with opset "
-                f"{target} or use --grad-backend portable") from None
+                f"not be converted to opset {target} ({_summary(error)})",
+                f"re-export the model with opset {target} or use --grad-backend portable") from None
     if converted.ir_version > MAX_IR_VERSION:
         if converted is model:
             converted = onnx.ModelProto()
@@ -83,33 +92,33 @@ def _run_builder(model: onnx.ModelProto, score: str, wrt: list[str]) -> onnx.Mod
         builder.build()
         built = onnx.load_from_string(builder.get_model())
     except Exception as error:
-        raise OnnxcamError(_explain_builder_failure(str(error), wrt)) from None
+        raise _explain_builder_failure(str(error), wrt) from None
     produced = {o.name for o in built.graph.output}
     lacking = [t for t in wrt if t + "_grad" not in produced]
     if lacking:
-        raise OnnxcamError(f"onnxruntime-training built no gradient for {lacking[0]!r}; "
-                           "use --grad-backend portable")
+        raise BuilderFailure(f"onnxruntime-training built no gradient for {lacking[0]!r}",
+                             "use --grad-backend portable")
     return built
 
 
-def _explain_builder_failure(message: str, wrt: list[str]) -> str:
+def _explain_builder_failure(message: str, wrt: list[str]) -> OnnxcamError:
     unregistered = re.search(r"has not been registered: (\S+) for node (\S*)", message)
     if unregistered:
         op, node = unregistered.groups()
         where = f" (node {node})" if node else ""
-        return (f"onnxruntime-training cannot differentiate {op}{where} between the score and the chosen "
-                f"node; pick a node after it or use --grad-backend portable")
+        return BuilderFailure(f"onnxruntime-training cannot differentiate {op}{where} between the score and "
+                              "the chosen node", "pick a node after it or use --grad-backend portable")
     unreachable = re.search(r"partial derivative for '([^']+)' as it's unreachable", message)
     if unreachable:
-        return (f"the score does not depend on tensor {unreachable.group(1)!r} (no differentiable path to "
-                "the logits); pick a node that feeds the logits")
+        return OnnxcamError(f"the score does not depend on tensor {unreachable.group(1)!r} (no differentiable "
+                            "path to the logits); pick a node that feeds the logits")
     gradient_limit = re.search(r"(\w+) gradient currently supports ([^.]+)", message)
     if gradient_limit:
         op, what = gradient_limit.groups()
-        return (f"onnxruntime-training's {op} gradient supports {what} only; pick a node after the {op} "
-                "or use --grad-backend portable")
-    return (f"onnxruntime-training could not build the gradient of {', '.join(wrt)}: "
-            f"{_summary(message)[-300:]}; try --grad-backend portable")
+        return BuilderFailure(f"onnxruntime-training's {op} gradient supports {what} only",
+                              f"pick a node after the {op} or use --grad-backend portable")
+    return BuilderFailure(f"onnxruntime-training could not build the gradient of {', '.join(wrt)}: "
+                          f"{_summary(message)[-300:]}", "try --grad-backend portable")
 
 
 def _route_outputs(built: onnx.ModelProto, original: onnx.ModelProto, wrt: list[str]) -> onnx.ModelProto:

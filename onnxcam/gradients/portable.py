@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import OnnxcamError
 from ..graph import FLOAT_TYPES, GraphView, copy_model, is_default_domain, subgraph_inputs
 from . import gradient_name
-from .rules import INTEGER_RULES, RULES, Emitter, Unsupported
+from .rules import DOMAIN_RULES, INTEGER_RULES, RULES, Emitter, Unsupported
 
 MIN_OPSET = 11
 PREFIX = "onnxcam_bw/"
@@ -131,7 +131,8 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
             continue
         need = [bool(i) and i in active for i in node.input]
         try:
-            rule = RULES.get(node.op_type) if is_default_domain(node) else None
+            rule = (RULES.get(node.op_type) if is_default_domain(node)
+                    else DOMAIN_RULES.get((node.domain, node.op_type)))
             if rule is None:
                 raise Unsupported("no gradient rule for this op")
             integers = [t for t in list(node.input) + list(node.output)

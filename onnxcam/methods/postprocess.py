@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
+from .._lazy import cv2
 import numpy as np
 
 from ..errors import OnnxcamError

@@ -30,6 +30,11 @@ class Emitter(GraphBuilder):
         self._own_constants: dict[str, np.ndarray] = {}
         self._shape_cache: dict[str, str] = {}
 
+    def body(self) -> "Emitter":
+        """An emitter for a subgraph body (Scan): names from the same pool, a prefix of its own, its own
+        nodes and constants (Constant nodes inside the body); outer tensors stay visible to it."""
+        return Emitter(self._view, self.taken, self.fresh("body") + "/")
+
     def const(self, value: np.ndarray) -> str:
         value = np.asarray(value)
         name = self.constant(value)

@@ -6,6 +6,7 @@ gradient unchanged (scaled by 1/scale into integer units) where ``round(x / scal
 in the representable range of the integer type, and zero where it saturates. That zero is what gives
 the QDQ pairs onnxruntime's quantizer writes after a Conv, in place of a removed Relu/Clip, the
 gradient of the activation they replaced. DequantizeLinear is linear: ``(q - zero_point) * scale``.
+The com.microsoft Q/DQ ops (the quantizer's 16-bit QDQ) have the same semantics and rules.
 
 The gradient of an integer tensor is a float tensor of the scale's type, in integer units:
 d score / d q. Scales and zero points are treated as constants (no gradient flows into them; where
@@ -61,7 +62,7 @@ def _quantized_type(e: Emitter, node) -> int:
     return node_attrs(node).get("output_dtype") or TensorProto.UINT8
 
 
-@rule("DequantizeLinear", integer=True)
+@rule("DequantizeLinear", integer=True, domains=("com.microsoft",))
 def dequantize(e: Emitter, node, gy, need):
     """y = (q - zero_point) * scale: d score / d q = gy * scale (float, in integer units)."""
     q, scale = node.input[0], node.input[1]
@@ -71,7 +72,7 @@ def dequantize(e: Emitter, node, gy, need):
     return [g] + [None] * (len(node.input) - 1)
 
 
-@rule("QuantizeLinear", integer=True)
+@rule("QuantizeLinear", integer=True, domains=("com.microsoft",))
 def quantize(e: Emitter, node, gy, need):
     """q = saturate(round(x / scale) + zero_point): straight-through where not saturated."""
     x, scale = node.input[0], node.input[1]

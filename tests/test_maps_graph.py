@@ -1,0 +1,90 @@
+"""Final maps computed inside the session (maps_graph.py) against the NumPy engine, the reference:
+every gradient method, one and two fused layers, a layer at input resolution, channels-last activations,
+a non-integer resize factor, explicit targets, map outputs with a mask, and EfficientNet-Lite0."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxcam import Explainer
+from onnxcam.maps_graph import IN_GRAPH_METHODS, maps_output
+from tiny_models import keras_mobilenet_like, tiny_segmenter
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from shapes_data import make_dataset, preprocess  # noqa: E402
+
+SHAPES = ROOT / "models" / "shapes_cnn.onnx"
+METHODS = list(IN_GRAPH_METHODS)
+# Measured ≤ 6e-7 (float32 reductions in another order, ORT's resize coefficients in float): 10x that.
+TOLERANCE = 6e-6
+
+
+def _pair(model, nodes, **options):
+    return (Explainer(model, nodes, provider="cpu", maps="graph", **options),
+            Explainer(model, nodes, provider="cpu", maps="numpy", **options))
+
+
+def _compare(graph, numpy_engine, x, **options):
+    ours = graph.explain_many(x, METHODS, **options)
+    reference = numpy_engine.explain_many(x, METHODS, **options)
+    for method in METHODS:
+        a, b = ours[method], reference[method]
+        assert a.maps.shape == b.maps.shape and a.maps.dtype == np.float32
+        np.testing.assert_allclose(a.maps, b.maps, rtol=0, atol=TOLERANCE, err_msg=method)
+        np.testing.assert_array_equal(a.targets, b.targets)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+        for p, q in zip(a.layer_maps, b.layer_maps):
+            np.testing.assert_allclose(p, q, rtol=0, atol=TOLERANCE * max(float(np.abs(q).max()), 1e-30))
+        assert b.maps.max() > 0.99            # a real map, not the all-zero one
+    return ours
+
+
+@pytest.fixture(scope="module")
+def shapes_x():
+    return preprocess(make_dataset(5, seed=4)[0])
+
+
+@pytest.mark.parametrize("nodes", [["/block4/relu/Relu"], ["/block2/relu/Relu", "/block4/relu/Relu"],
+                                   ["/block1/relu/Relu"]])     # 64x64: the layer is at input resolution
+def test_shapes_cnn(shapes_x, nodes):
+    graph, numpy_engine = _pair(SHAPES, nodes)
+    _compare(graph, numpy_engine, shapes_x)
+    _compare(graph, numpy_engine, shapes_x, targets=[0, 1, 2, 3, 4], batch_size=2)
+    names, _ = next(iter(graph._graph_maps.sessions.values()))
+    # only the logits, the final maps and the small layer maps leave the session
+    assert names[:1 + len(METHODS)] == [graph.logits_name] + [maps_output(m) for m in METHODS]
+    assert not set(names) & set(graph.tensors)
+
+
+def test_channels_last_and_a_non_integer_factor():
+    x = np.random.default_rng(2).normal(size=(3, 30, 30, 3)).astype(np.float32)   # NHWC, 30 → 8 → 30
+    graph, numpy_engine = _pair(keras_mobilenet_like(nhwc=True, size=30), "out_relu")
+    assert graph.nodes[0].shape[-1] == 16          # the activations really are channels-last
+    _compare(graph, numpy_engine, x, targets=[0, 3, 5])
+
+
+def test_map_outputs_with_a_mask():
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    graph, numpy_engine = _pair(tiny_segmenter(), "/enc/Relu")
+    mask = np.zeros((8, 8), np.float32)
+    mask[2:6, 1:5] = 1
+    _compare(graph, numpy_engine, x, targets=[1, 2], target_mask=mask)
+
+
+def test_other_methods_share_the_run_on_the_host(shapes_x):
+    """CAM, EigenCAM and Score-CAM read the activations the same run returns next to the maps."""
+    graph, numpy_engine = _pair(SHAPES, "auto")
+    methods = ["gradcam", "eigencam", "cam", "layercam", "scorecam"]
+    together = graph.explain_many(shapes_x, methods, max_channels=8)
+    names, _ = next(iter(graph._graph_maps.sessions.values()))
+    assert names[-1] == graph.tensors[0] and len(names) == 1 + 2 * 2 + 1
+    for method in methods:
+        alone = numpy_engine.explain(shapes_x, method=method, max_channels=8)
+        np.testing.assert_allclose(together[method].maps, alone.maps, rtol=0, atol=TOLERANCE, err_msg=method)
+
+
+def test_efficientnet(efficientnet_onnx, photos):
+    graph, numpy_engine = _pair(efficientnet_onnx, "_blocks.15")
+    _compare(graph, numpy_engine, photos[:2])
