@@ -218,7 +218,8 @@ class Explainer:
 
     @property
     def gradient_backend_used(self) -> str | None:
-        return self._last_gradient_model.backend if self._last_gradient_model else None
+        used = self._last_gradient_model or self._gradient_models.get(None)   # in-graph maps use the latter
+        return used.backend if used else None
 
     def num_classes(self, x: np.ndarray) -> int:
         """K: the class axis of the scored output."""
