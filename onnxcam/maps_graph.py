@@ -186,12 +186,17 @@ class GraphMaps:
         # inputs, fixed batches or a gradient model specialised to this batch's shape
         if not e.scored_output(x).is_classifier or e.feeds.arrays or e.feeds.fixed_batch is not None:
             return None
+        if e.model.input.elem_type != onnx.TensorProto.FLOAT:   # float16/double models: NumPy maps
+            return None
         if not any(spec.name in IN_GRAPH_METHODS for spec in specs):
             return None
         try:
-            if e._gradient_build(x)[0] is not None:
-                return None
+            key, gradient = e._gradient_build(x)
         except OnnxcamError:
+            return None
+        # only on the generic portable gradient model: onnxruntime-training 1.19.2 crashes (segfault) when
+        # it creates a session for its own gradient graph with the maps appended
+        if key is not None or gradient.backend != "portable":
             return None
         names = tuple(spec.name for spec in specs if spec.name in IN_GRAPH_METHODS)
         spatial = e.input_spatial(x)
