@@ -9,14 +9,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import layouts
+from . import layouts, tokens
 from .cache import cached_model_bytes, model_digest
 from .classifier_head import find_classifier_weights
 from .derived import node_table
 from .errors import OnnxcamError, shape_text
 from .gradients import ort_training_available
 from .preprocess import Preprocessing
-from .methods import CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
+from .legrad import LeGradBlocks
+from .methods import ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
 from .maps_graph import MAPS_ENGINES, GraphMaps
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
@@ -49,7 +50,8 @@ class Explainer:
                  grad_backend: str = "auto", layout: str | None = None, probabilities: bool = False,
                  input_shape: tuple | None = None, threads: int | None = None, cache: bool = True,
                  input: str | None = None, feeds: dict | None = None, output: str | None = None,
-                 class_axis: int | None = None, maps: str = "auto"):
+                 class_axis: int | None = None, maps: str = "auto",
+                 tokens_grid: tuple | None = None, prefix_tokens: int | None = None):
         """``input``: the input to explain (multi-input models; the others come from ``feeds``, name ->
         array, one sample or one row per sample); ``output``: the output to score (default: the first,
         or the Softmax input); ``class_axis``: its class axis when the guess (targets.py) is wrong;
@@ -60,6 +62,7 @@ class Explainer:
             raise OnnxcamError(f"unknown maps engine {maps!r}; choose one of {', '.join(MAPS_ENGINES)}")
         self.maps = maps
         self.model: LoadedModel = load_model(model, input)
+        self.tokens_grid, self.prefix_tokens = tokens_grid, prefix_tokens   # see onnxcam/tokens.py
         self.feeds = InputFeeds(self.model, feeds)
         self.class_axis = class_axis
         self.output = output
@@ -72,9 +75,11 @@ class Explainer:
         self.logits_name = find_logits(self.model.view, probabilities, output)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
         self._probe_shape = self._explained_probe_shape(input_shape)
+        self._probe = self._probe_shapes(input_shape)
         self._digest = model_digest(self.model.proto) if cache else None    # once: every cache key needs it
-        self.candidates = node_table(self.model, self._probe_shapes(input_shape), self.logits_name,
+        self.candidates = node_table(self.model, self._probe, self.logits_name,
                                      self._digest)[0]
+        self._tokens = tokens_grid is not None or prefix_tokens is not None or tokens.is_transformer(self.model)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
@@ -97,7 +102,11 @@ class Explainer:
             CLASS_WEIGHTS: (self._check_classifier_heads,
                             lambda batch, i: self.classifier_head(self.nodes[i]).weight[batch.chosen]),
             CHANNEL_SCORES: (self._check_scorecam, self._scorecam_weights),
+            ATTENTION_GRADIENTS: (lambda: self.legrad.blocks(), lambda batch, i: self.legrad.gradients(
+                i, batch.x, batch.chosen, self.num_classes(batch.x))),
         }
+        self.legrad = LeGradBlocks(self.model, self.nodes, self.candidates, grad_backend, provider, threads,
+                                   self._probe)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
@@ -121,6 +130,11 @@ class Explainer:
         layout = "NCHW" if self.input_layout == layouts.FIRST else "NHWC"
         preprocessing = replace(Preprocessing.from_metadata(self.model.preprocess, spec.shape), layout=layout)
         return preprocessing.probe_shape(spec.shape)
+
+    @property
+    def probe_shape(self) -> tuple | None:
+        """A concrete input shape (batch 1) for this model, when one is known."""
+        return self._probe_shape
 
     @property
     def tensors(self) -> list[str]:
@@ -261,7 +275,19 @@ class Explainer:
 
     def _check_scorecam(self) -> None:
         for node in self.nodes:
-            self.scorecam.check(node.name, len(node.shape) if node.shape is not None else None)
+            rank = len(node.shape) if node.shape is not None else None
+            self.scorecam.check(node.name, 4 if self.node_token_grid(node) is not None else rank)
+
+    def node_token_grid(self, node: NodeInfo, input_spatial: tuple | None = None):
+        """The patch grid of a token node (N, T, C) on this input size, else None (see tokens.py)."""
+        if input_spatial is None:
+            probe = self.probe_shape
+            if probe is None:
+                return None
+            input_spatial = layouts.spatial_shape(probe, self.input_layout)
+        if not self._tokens:
+            return None
+        return tokens.token_grid(node.shape, input_spatial, self.tokens_grid, self.prefix_tokens)
 
     # ---- running ------------------------------------------------------------------------------
     def check_input(self, x) -> np.ndarray:
@@ -391,7 +417,9 @@ class Explainer:
             outputs = self.forward(x)
         logits = outputs[0]
         map_weights = None            # outputs with positions (N, K, *P): the target planes summed over
-        if logits.ndim > 2:
+        if logits.ndim > 2 and targets is None and not all(spec.needs_target for spec in specs):
+            chosen, scores = np.full(n, -1, np.int64), np.full(n, np.nan, np.float32)   # EigenCAM only
+        elif logits.ndim > 2:
             map_weights = self.target_weights(logits.shape, targets, mask)
             chosen = targets
             scores = (logits * map_weights).reshape(n, -1).sum(1)
@@ -416,13 +444,20 @@ class Explainer:
             layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
                                                             for need in spec.needs}))
                           for i, a in enumerate(activations)]
-            maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
+            if spec.fuse_raw:     # LeGrad: the blocks' maps averaged before the one normalisation
+                maps = fuse_layers([layer_to_input(np.mean(layer_maps, axis=0), size)])
+            else:
+                maps = fuse_layers([layer_to_input(lm, size) for lm in layer_maps])
             results[spec.name] = (maps.astype(np.float32), logits, chosen, scores, layer_maps,
                                   time.perf_counter() - begin)
         return shared, {spec.name: results[spec.name] for spec in specs}
 
     def _channels_first(self, array: np.ndarray, x: np.ndarray, like: np.ndarray | None = None):
         reference = array if like is None else like
+        grid = tokens.token_grid(reference.shape, self.input_spatial(x), self.tokens_grid,
+                                 self.prefix_tokens) if self._tokens else None
+        if grid is not None:
+            return grid.to_map(array)
         layout = layouts.activation_layout(reference.shape, self.input_spatial(x), self.input_layout)
         return layouts.to_channels_first(array, layout)
 

@@ -334,6 +334,10 @@ class FileExplainer:
                     written = list(self._write(item, i, explanations, rank, rank_tag, protected))
                 yield from written
 
+    def _picture(self, item: InputItem, i: int, method: str, cam: np.ndarray) -> np.ndarray:
+        """The picture written for sample ``i`` of the batch (detectors draw their box on it)."""
+        return draw(item, cam, self.alpha)
+
     def _write(self, item, i, explanations, rank, rank_tag, protected):
         if not self.write_files:
             yield from self._results(item, i, explanations, rank)
@@ -353,7 +357,7 @@ class FileExplainer:
             if self.save_npy or item.rgb is None:   # the .npy first: the picture marks the input done
                 written.append(outputs.write_npy(self.output_path(item.path, method, rank_tag, ".npy"),
                                                  cam, protected))
-            picture = draw(item, cam, self.alpha)
+            picture = self._picture(item, i, method, cam)
             if not multi:
                 written.insert(0, outputs.write_png(self.output_path(item.path, method, rank_tag, ".png"),
                                                     picture, protected, consume=True))

@@ -159,10 +159,15 @@ def default_node(candidates: list[NodeInfo], model, output: str | None = None) -
     """The layer feeding the model's last global pooling (pytorch-grad-cam's usual choice: ResNet
     ``layer4[-1]``), looking through Identity/Dropout/Cast; else the last spatial candidate. Only
     candidates that feed the scored ``output`` (default: the first) count, and among those, ones whose
-    spatial axes follow the input's (same rank, no axis of size 1) are preferred."""
+    spatial axes follow the input's (same rank, no axis of size 1) are preferred. On a transformer:
+    the last block's first LayerNorm output (see tokens.default_transformer_node)."""
     view = view_of(model)
     upstream = view.ancestors(output or view.output_names[0])
     feeding = [c for c in candidates if c.tensor in upstream]
+    from .tokens import default_transformer_node
+    transformer = default_transformer_node(feeding or candidates, view)
+    if transformer is not None:
+        return transformer
     candidates = _prefer_input_like(feeding or candidates, view)
     by_tensor = {candidate.tensor: candidate for candidate in candidates}
     producers = view.producer
@@ -367,17 +372,20 @@ def _short_tensor(candidate: NodeInfo) -> str:
     return candidate.tensor
 
 
-def format_table(candidates: list[NodeInfo], default: NodeInfo | None) -> str:
+def format_table(candidates: list[NodeInfo], default: NodeInfo | None,
+                 grids: dict[str, str] | None = None) -> str:
     """The `onnxcam nodes` listing: one row per candidate, `*` on the default, `-` on maps without
     spatial axes (pooled outputs cannot be explained). A tensor that repeats its node's name is
-    abbreviated to ``…<suffix>``; the node name is accepted by --node all the same."""
-    header = ("", "node", "op", "output tensor", "shape", "scope")
+    abbreviated to ``…<suffix>``; the node name is accepted by --node all the same. ``grids``: tensor →
+    its token grid (tokens.TokenGrid.text), shown in a last column when any node has one."""
+    header = ("", "node", "op", "output tensor", "shape", "scope") + (("token grid",) if grids else ())
     rows = [header]
     for candidate in candidates:
         mark = "*" if default is not None and candidate.tensor == default.tensor else (
             "x" if not candidate.reaches_output else " " if candidate.spatial else "-")
         rows.append((mark, candidate.name or "(unnamed)", candidate.op_type, _short_tensor(candidate),
-                     shape_text(candidate.shape), candidate.scope))
+                     shape_text(candidate.shape), candidate.scope)
+                    + ((grids.get(candidate.tensor, ""),) if grids else ()))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join(("-" if column else " ") * width for column, width in enumerate(widths)).rstrip())

@@ -414,7 +414,9 @@ def test_notices_for_a_blank_map_a_preprocessing_fallback_and_skipped_methods(tm
     assert everything.exit_code == 0, everything.output
     notices = json.loads(everything.stdout)["notices"]
     assert not any("preprocessing" in n for n in notices)   # --preset given: no fallback
-    assert [n for n in notices if n.startswith("--method all skips")] == []   # every method applies here
+    assert [n for n in notices if n.startswith("--method all skips")] == [   # every CNN method applies here
+        "--method all skips legrad: LeGrad needs a vision transformer: this graph has no attention Softmax "
+        "over the key axis"]
 
 
 def test_size_sets_the_length_of_a_signal_model_with_a_symbolic_length(tmp_path):

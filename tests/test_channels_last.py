@@ -20,7 +20,7 @@ def x_nchw():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "legrad"])   # LeGrad: ViTs only
 def test_nhwc_maps_equal_the_nchw_twin(method, backend, x_nchw):
     nhwc = Explainer(keras_mobilenet_like(nhwc=True), "out_relu", grad_backend=backend)
     nchw = Explainer(keras_mobilenet_like(nhwc=False), "out_relu", grad_backend=backend)

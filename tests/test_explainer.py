@@ -63,6 +63,8 @@ def test_cam_matches_gradcam_for_gap_linear_head(explainer, x):
 
 def test_every_method_runs_and_stays_in_unit_range(explainer, x):
     for method in onnxcam.METHODS:
+        if method == "legrad":      # vision transformers only: tests/test_legrad.py
+            continue
         maps = explainer.explain(x[:2], method=method, targets=[0, 2]).maps
         assert maps.shape == (2, 8, 8), method
         assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6, method

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from onnxcam.errors import OnnxcamError
-from onnxcam.methods import (CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, METHODS, cam, eigencam, get_method,
-                             gradcam, gradcam_plus_plus, hirescam, layercam, weighted_sum, xgradcam)
+from onnxcam.methods import (ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, METHODS, cam, eigencam,
+                             get_method, gradcam, gradcam_plus_plus, hirescam, layercam, weighted_sum, xgradcam)
 from onnxcam.methods.eigencam import first_component_projection
 
 # channel 0 sums to 10, channel 1 to 2
@@ -163,7 +163,9 @@ def test_eigencam_needs_spatial_axes():
 
 def test_registry_lists_every_method_in_order_with_its_needs():
     assert list(METHODS) == ["cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam",
-                             "scorecam"]
+                             "scorecam", "legrad"]
+    assert METHODS["legrad"].needs == (ATTENTION_GRADIENTS,) and METHODS["legrad"].fuse_raw
+    assert not any(m.fuse_raw for name, m in METHODS.items() if name != "legrad")
     assert [m.name for m in METHODS.values() if m.needs == (GRADIENTS,)] == [
         "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
     assert METHODS["cam"].needs == (CLASS_WEIGHTS,) and METHODS["scorecam"].needs == (CHANNEL_SCORES,)

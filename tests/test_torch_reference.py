@@ -57,7 +57,7 @@ def case(request, tmp_path_factory):
     return net, x, explainer
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "legrad"])   # LeGrad: test_legrad.py
 def test_method_equals_torch_reference(case, method):
     net, x, explainer = case
     targets = [1, 3, 0][: len(x)]

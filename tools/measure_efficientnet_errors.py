@@ -43,7 +43,7 @@ def main():
         name = "efficientnet_lite0_dynamo.onnx" if dynamo else "efficientnet_lite0.onnx"
         path = make_efficientnet.build(ROOT / ".cache" / "models" / name, dynamo=dynamo)
         explainer = Explainer(str(path), "auto", cache=False)
-        for method in [m for m in METHODS if m != "scorecam"]:
+        for method in [m for m in METHODS if m not in ("scorecam", "legrad")]:
             result = explainer.explain(photos, method=method, targets=TARGETS)
             ref = torch_oracle.reference_maps(method, torch_model, torch_model._swish, photos, result.targets,
                                               -1, fc_weight=fc)

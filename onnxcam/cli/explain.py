@@ -49,6 +49,21 @@ from .options import _explainer_options, _floats, _input_options, _preprocessing
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
+@click.option("--tokens-grid", help="Transformer token nodes (N,T,C): the patch grid HEIGHT,WIDTH "
+                                    "(default: guessed from the input size and the token count).")
+@click.option("--prefix-tokens", type=int, help="Transformer token nodes: class/distillation/register "
+                                                "tokens before the patch tokens, dropped (default: guessed).")
+@click.option("--detection-format", type=click.Choice(["auto", "yolov8", "yolov5"]), default=None,
+              help="YOLO-style raw head: yolov8 (N,4+K,A) or yolov5 (N,A,5+K); auto tells them apart by "
+                   "shape. Detectors are recognised by their output shape without it.")
+@click.option("--detection", "detection_index", type=int,
+              help="Detectors: explain the K-th detection after NMS, by confidence (0 = best; default 0).")
+@click.option("--box", help="Detectors: explain the prediction whose box best overlaps X1,Y1,X2,Y2 "
+                            "(image pixels).")
+@click.option("--confidence", type=float, default=0.25, show_default=True,
+              help="Detectors: confidence threshold before NMS.")
+@click.option("--iou", "iou_threshold", type=float, default=0.45, show_default=True,
+              help="Detectors: NMS IoU threshold.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: a pool of Ray actors on this machine or a cluster "
                    "(needs onnxcam[ray]).")
@@ -71,7 +86,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
             grad_backend, batch_size, max_channels, size, mean, std, scale, layout, bgr, probabilities,
             overwrite, max_pixels, fail_fast, no_cache, labels, target_mask, input_name, feed_specs,
             output_name, class_axis, preset, engine, ray_address, workers, worker_threads, fmt, maps_engine,
-            profile):
+            profile, tokens_grid, prefix_tokens, detection_format, detection_index, box, confidence,
+            iou_threshold):
     """Explain INPUTS (images, .npy arrays, folders or globs) with a class activation map."""
     from .. import IMPORT_START
     from ..profile import PROFILE, phase
@@ -81,6 +97,7 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     from ..files import FileExplainer, collect_inputs
     from ..methods import get_method
     from ..model import load_model
+    from ..tokens import parse_grid
 
     if batch_size < 1:
         raise OnnxcamError("--batch-size must be at least 1")
@@ -120,7 +137,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
                                                 probabilities, no_cache, feed_specs, output_name, class_axis),
                              maps=maps_engine)
     with phase("node table"):
-        explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options)
+        explainer = Explainer(loaded, list(node_specs) or ["auto"], **explainer_options,
+                              tokens_grid=parse_grid(tokens_grid), prefix_tokens=_prefix(prefix_tokens))
     if method == "all":
         methods, skipped_methods = applicable_methods(explainer, with_reasons=True)
         notices += [f"--method all skips {name}: {why}" for name, why in skipped_methods]
@@ -139,11 +157,17 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
         return _explain_on_ray(model, loaded, paths, out_dir, list(node_specs) or ["auto"], methods,
                                preprocessing, explainer_options, file_options, as_json, top_k, notices,
                                ray_address, workers, worker_threads, fmt)
-    runner = FileExplainer(explainer, preprocessing, out_dir, methods, **file_options,
-                           progress=_progress_printer("score-cam", "masked inputs"),
-                           batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
-                           fail_fast=fail_fast,
-                           on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
+    file_options.update(progress=_progress_printer("score-cam", "masked inputs"),
+                        batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
+                        fail_fast=fail_fast,
+                        on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
+    if _detector(explainer, detection_format, detection_index, box, mask):
+        from ..detection_files import DetectionFileExplainer
+        runner = DetectionFileExplainer(explainer, preprocessing, out_dir, methods, fmt=detection_format or "auto",
+                                        detection_index=detection_index, box=_box(box), confidence=confidence,
+                                        iou_threshold=iou_threshold, **file_options)
+    else:
+        runner = FileExplainer(explainer, preprocessing, out_dir, methods, **file_options)
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
@@ -170,6 +194,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
 def _result_line(summary: dict, top_k) -> str:
     name = f" ({summary['class_name']})" if summary["class_name"] else ""
     rank = f" top{summary['rank']}" if top_k else ""
+    found = summary.get("detection")
+    rank += f" box {','.join(f'{v:g}' for v in found['box'])}" if found else ""
     score = f"{summary['score']:.4f}" if summary["score"] is not None else "nan"
     return (f"{summary['input']}: class {summary['class']}{name}{rank} score {score} "
             f"node {','.join(summary['nodes'])} {summary['method']} {summary['seconds'] * 1000:.1f} ms"
@@ -206,3 +232,36 @@ def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing
     if run.failed:
         raise OnnxcamError(f"{len(run.failed)} of {len(paths)} input(s) could not be read and were "
                            "skipped (errors above); fix or remove them")
+
+
+def _detector(explainer, fmt, index, box, mask) -> bool:
+    """Explain as a detector: asked for by a detection flag, or the model has NMS inside or a raw
+    YOLO-shaped first output (and no --target-mask says it is a map)."""
+    from ..detection import looks_like_detector, nms_node
+    if fmt is not None or index is not None or box is not None:
+        return True
+    if mask is not None:
+        return False
+    view = explainer.model.view
+    if nms_node(view) is not None:
+        return True
+    shape = view.static_shape(explainer.logits_name)
+    if shape is not None and len(shape) == 3 and None in shape[1:] and explainer.probe_shape is not None:
+        import numpy as np     # the head's length is symbolic: measure it on the probe input
+        shape = explainer.forward(np.zeros(explainer.probe_shape, np.float32))[0].shape
+    return looks_like_detector(shape)
+
+
+def _box(text: str | None):
+    if text is None:
+        return None
+    values = _floats(text, "--box")
+    if len(values) != 4 or values[2] <= values[0] or values[3] <= values[1]:
+        raise OnnxcamError(f"--box {text!r} must be X1,Y1,X2,Y2 in image pixels with X2 > X1 and Y2 > Y1")
+    return values
+
+
+def _prefix(count: int | None) -> int | None:
+    if count is not None and count < 0:
+        raise OnnxcamError("--prefix-tokens must be 0 or more")
+    return count

@@ -15,10 +15,16 @@ from .options import _preprocessing, _size
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def nodes(model, size, as_json):
+@click.option("--tokens-grid", help="Transformer tokens: the patch grid HEIGHT,WIDTH (default: guessed "
+                                    "from the input size and the token count).")
+@click.option("--prefix-tokens", type=int, help="Transformer tokens: how many class/distillation/register "
+                                                "tokens come before the patch tokens (default: guessed).")
+def nodes(model, size, as_json, tokens_grid, prefix_tokens):
     """List the nodes whose output can be explained, with shapes; * marks the default."""
+    from .. import layouts
     from ..model import load_model
     from ..nodes import default_node, format_table, list_candidates
+    from ..tokens import grids_of, is_transformer, parse_grid
 
     loaded = load_model(model)
     preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
@@ -27,12 +33,18 @@ def nodes(model, size, as_json):
     if not candidates:
         raise OnnxcamError(f"{model} has no node with a spatial output (rank 3-5); nothing to explain")
     default = default_node(candidates, loaded.proto)
+    input_spatial = layouts.spatial_shape(probe, layouts.input_layout(probe)) if probe else None
+    grid = parse_grid(tokens_grid)
+    reads_tokens = grid is not None or prefix_tokens is not None or is_transformer(loaded)
+    grids = grids_of(candidates, input_spatial, grid, prefix_tokens) if reads_tokens else {}
     if as_json:
         click.echo(json.dumps([{"node": c.name, "op_type": c.op_type, "tensor": c.tensor,
                                 "shape": list(c.shape) if c.shape else None, "scope": c.scope,
-                                "default": c.name == default.name} for c in candidates], indent=2))
+                                "default": c.name == default.name,
+                                **({"token_grid": grids[c.tensor]} if c.tensor in grids else {})}
+                               for c in candidates], indent=2))
     else:
-        click.echo(format_table(candidates, default))
+        click.echo(format_table(candidates, default, grids))
 
 
 @main.command("export-augmented")

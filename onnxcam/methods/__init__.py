@@ -11,6 +11,7 @@ from ..errors import OnnxcamError
 from ._arrays import weighted_sum
 from .eigencam import eigencam
 from .gradient_based import cam, gradcam, gradcam_plus_plus, hirescam, layercam, xgradcam
+from .legrad import legrad
 from .postprocess import fuse_layers, layer_to_input, normalize, resize
 from .scorecam import channel_masks, scorecam_weights
 
@@ -20,7 +21,8 @@ from .scorecam import channel_masks, scorecam_weights
 GRADIENTS = "gradients"            # d score / d A, same shape as A
 CLASS_WEIGHTS = "class_weights"    # (N, C): the classifier row of each sample's target (CAM)
 CHANNEL_SCORES = "channel_scores"  # (N, C): Score-CAM's softmax of the masked inputs' scores
-NEEDS = (GRADIENTS, CLASS_WEIGHTS, CHANNEL_SCORES)
+ATTENTION_GRADIENTS = "attention_gradients"  # (N, heads, T, T): d block score / d attention (LeGrad)
+NEEDS = (GRADIENTS, CLASS_WEIGHTS, CHANNEL_SCORES, ATTENTION_GRADIENTS)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class LayerInputs:
     gradients: np.ndarray | None = None
     class_weights: np.ndarray | None = None
     channel_scores: np.ndarray | None = None
+    attention_gradients: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,17 @@ class Method:
     description: str
     paper: str
     needs_target: bool = True
+    fuse_raw: bool = False      # several nodes: average their raw maps, then normalise once (LeGrad)
 
     def layer_map(self, inputs: LayerInputs) -> np.ndarray:
         return self.function(inputs.activations, *(getattr(inputs, need) for need in self.needs))
 
 
-def _method(name, function, needs, description, paper, target=True) -> Method:
+def _method(name, function, needs, description, paper, target=True, fuse_raw=False) -> Method:
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"method {name} needs unknown inputs {sorted(unknown)}")
-    return Method(name, function, tuple(needs), description, paper, target)
+    return Method(name, function, tuple(needs), description, paper, target, fuse_raw)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -82,6 +86,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
             "Wang et al., Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks, "
             "CVPR Workshops 2020 (arXiv:1910.01279); Faster Score-CAM (max_channels): "
             "https://github.com/tabayashi0117/Score-CAM#faster-score-cam"),
+    _method("legrad", legrad, [ATTENTION_GRADIENTS], "vision transformers: positive gradient of each block's own "
+            "class score w.r.t. its attention probabilities, averaged over heads and queries",
+            "Bousselham et al., LeGrad: An Explainability Method for Vision Transformers via Feature Formation "
+            "Sensitivity (arXiv:2404.03214), as torchcam 0.5.0 implements it", fuse_raw=True),
 )}
 
 
@@ -94,6 +102,7 @@ def get_method(name: str) -> Method:
 
 
 __all__ = ["METHODS", "Method", "LayerInputs", "NEEDS", "GRADIENTS", "CLASS_WEIGHTS", "CHANNEL_SCORES",
+           "ATTENTION_GRADIENTS", "legrad",
            "get_method", "cam", "gradcam", "gradcam_plus_plus", "xgradcam", "hirescam",
            "layercam", "eigencam", "weighted_sum", "scorecam_weights", "channel_masks", "normalize", "resize",
            "layer_to_input", "fuse_layers"]
