@@ -7,27 +7,26 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import onnx
 
 from . import layouts, tokens
-from .cache import cached_model_bytes, model_digest
+from .cache import model_digest
 from .classifier_head import find_classifier_weights
 from .derived import node_table
 from .errors import OnnxcamError, shape_text
-from .gradients import ort_training_available
-from .preprocess import Preprocessing
+from .feeds import InputFeeds, run_in_pieces
+from .gradient_models import GradientModels
 from .legrad import LeGradBlocks
-from .methods import ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method, get_method
 from .maps_graph import MAPS_ENGINES, GraphMaps
+from .methods import (ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method,
+                      get_method)
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, resolve_node
-from .feeds import InputFeeds, run_in_pieces
+from .preprocess import Preprocessing
 from .runtime import Runner
 from .scorecam import ScoreCam
+from .surgery import TARGET_WEIGHTS, AugmentedModel, build_forward_model, find_logits
 from .targets import ScoredOutput, checked_targets, locate_axes, target_weights
-from .surgery import (TARGET_WEIGHTS, AugmentedModel, build_forward_model, build_gradient_augmented_model,
-                      find_logits, specialise_shapes)
 
 
 @dataclass
@@ -85,11 +84,7 @@ class Explainer:
             raise OnnxcamError("no node given; pass --node NAME (see `onnxcam nodes MODEL`) or --node auto")
         self.nodes: list[NodeInfo] = [resolve_node(self.model, spec, self.candidates, self.logits_name)
                                       for spec in specs]
-        self._gradient_models: dict[tuple | None, AugmentedModel] = {}   # None: for every input shape
-        self._gradient_runners: dict[tuple | None, Runner] = {}
-        self._gradient_bytes: dict[int, bytes] = {}     # serialized gradient models not yet in a session
-        self._generic_failure: OnnxcamError | None = None
-        self._last_gradient_model: AugmentedModel | None = None
+        self.gradients = GradientModels(self)
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
@@ -141,67 +136,13 @@ class Explainer:
         return [n.tensor for n in self.nodes]
 
     def augmented_gradient_model(self, x: np.ndarray | None = None) -> AugmentedModel:
-        """The one model with logits, activations and their gradients (built without a session).
-
-        Built once per (model bytes, nodes, backend, ...) and kept in the on-disk cache, so a second
-        run on the same model skips surgery and gradient building. When the backward graph needs
-        shapes the model only computes at run time (tf2onnx and paddle2onnx exports), the model is
-        specialised to the shape of the batch ``x`` (or of the probe input) and built for that shape."""
-        return self._gradient_build(x)[1]
-
-    def _gradient_build(self, x: np.ndarray | None) -> tuple[tuple | None, AugmentedModel]:
-        if self._generic_failure is None:
-            if None not in self._gradient_models:
-                try:
-                    self._gradient_models[None] = self._built_gradient_model(None)
-                except OnnxcamError as exc:
-                    if self.grad_backend == "ort-training":
-                        raise
-                    self._generic_failure = exc
-            if self._generic_failure is None:
-                return None, self._gradient_models[None]
-        feeds = self._specialisation_feeds(x)
-        if feeds is None:
-            raise self._generic_failure
-        key = tuple(sorted((name, tuple(value.shape)) for name, value in feeds.items()))
-        if key not in self._gradient_models:
-            self._gradient_models[key] = self._built_gradient_model(feeds)
-        return key, self._gradient_models[key]
-
-    def _specialisation_feeds(self, x: np.ndarray | None) -> dict | None:
-        if x is None:
-            if self._probe_shape is None or None in self._probe_shape:
-                return None
-            x = np.zeros(self._probe_shape, np.float32)
-        return {self.model.input.name: x, **self.feeds.for_batch(len(x))}
-
-    def _built_gradient_model(self, feeds: dict | None) -> AugmentedModel:
-        def build() -> onnx.ModelProto:
-            model = self.model if feeds is None else specialise_shapes(self.model, feeds)
-            return build_gradient_augmented_model(model, self.tensors, self.grad_backend,
-                                                  self.probabilities, self.output).proto
-
-        if not self.cache or self._digest is None:
-            proto = build()
-        else:
-            parts = {"family": "gradient", "nodes": self.tensors, "backend": self.grad_backend,
-                     "probabilities": self.probabilities, "output": self.output,
-                     "training_runtime": ort_training_available(),
-                     "specialised_to": None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}}
-            data = cached_model_bytes(parts, self._digest, build)   # a session is made from the bytes
-            proto = onnx.load_from_string(data)
-            self._gradient_bytes[id(proto)] = data
-        return AugmentedModel.from_gradient_proto(proto, self.model.input.name, self.logits_name,
-                                                  self.tensors)
+        """The one model with logits, activations and their gradients, for the batch ``x`` (built
+        without a session; see gradient_models.py for when it is specialised to the batch's shape)."""
+        return self.gradients.build(x)[1]
 
     def gradient_session(self, x: np.ndarray | None = None) -> tuple[AugmentedModel, Runner]:
         """The gradient model and its session (for the batch ``x`` when it had to be specialised)."""
-        key, augmented = self._gradient_build(x)
-        if key not in self._gradient_runners:
-            data = self._gradient_bytes.pop(id(augmented.proto), None) or augmented.proto
-            self._gradient_runners[key] = Runner(data, augmented.output_names, self.provider, self.threads)
-        self._last_gradient_model = augmented
-        return augmented, self._gradient_runners[key]
+        return self.gradients.session(x)
 
     def forward_session(self) -> tuple[AugmentedModel, Runner]:
         if self._forward_model is None:
@@ -218,8 +159,7 @@ class Explainer:
 
     @property
     def gradient_backend_used(self) -> str | None:
-        used = self._last_gradient_model or self._gradient_models.get(None)   # in-graph maps use the latter
-        return used.backend if used else None
+        return self.gradients.backend_used
 
     def num_classes(self, x: np.ndarray) -> int:
         """K: the class axis of the scored output."""

@@ -191,7 +191,7 @@ class GraphMaps:
         if not any(spec.name in IN_GRAPH_METHODS for spec in specs):
             return None
         try:
-            key, gradient = e._gradient_build(x)
+            key, gradient = e.gradients.build(x)
         except OnnxcamError:
             return None
         # only on the generic portable gradient model: onnxruntime-training 1.19.2 crashes (segfault) when

@@ -96,7 +96,7 @@ def test_non_spatial_node_is_refused(model):
 
 
 def test_second_explainer_reads_the_augmented_model_from_the_cache(model, x, tmp_path, monkeypatch):
-    import onnxcam.explainer as explainer_module
+    import onnxcam.gradient_models as gradient_models_module
     monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
     import onnxcam.derived as derived_module
     monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
@@ -111,7 +111,7 @@ def test_second_explainer_reads_the_augmented_model_from_the_cache(model, x, tmp
     def no_node_table(*args, **kwargs):
         raise AssertionError("the node table was computed again")
 
-    monkeypatch.setattr(explainer_module, "build_gradient_augmented_model", no_rebuild)
+    monkeypatch.setattr(gradient_models_module, "build_gradient_augmented_model", no_rebuild)
     monkeypatch.setattr(derived_module, "list_candidates", no_node_table)
     again = Explainer(model, "/features/relu/Relu", grad_backend="portable", maps="numpy")
     assert again.candidates == fresh
