@@ -16,7 +16,7 @@ from onnx import helper as h
 
 from onnxcam.errors import OnnxcamError
 from onnxcam.gradients import portable
-from test_portable_rules import finite_differences, gradients, graph_model
+from gradient_checks import finite_differences, gradients, graph_model
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
 
@@ -109,7 +109,7 @@ def test_contrib_16bit_qdq_finite_differences():
              h.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], domain="com.microsoft")]
     consts = {"s": np.array(1e-5, np.float32), "zp": np.array(32767, np.uint16)}
     from onnx import numpy_helper
-    from test_portable_rules import session
+    from gradient_checks import session
     r = np.random.default_rng(7).normal(size=x.shape)
     nodes += [h.make_node("Cast", ["y"], ["y64"], to=TensorProto.DOUBLE),
               h.make_node("Mul", ["y64", "R"], ["w"]),
@@ -168,30 +168,16 @@ def test_integer_tensor_without_a_rule_is_an_error_not_a_zero():
 
 @pytest.fixture(scope="module")
 def qdq_efficientnet(efficientnet_tools, tmp_path_factory):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    pytest.importorskip("onnxruntime.quantization")
+    from make_audit_models import quantize_int8
 
     from conftest import MODEL_CACHE
     fp32 = efficientnet_tools.build(MODEL_CACHE / "efficientnet_lite0.onnx")
-    photos = efficientnet_tools.example_photos()
-    batches = [efficientnet_tools.preprocess_image(photos[k]) for k in sorted(photos)]
-
-    class Photos(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter({"input": b} for b in batches)
-
-        def get_next(self):
-            return next(self.items, None)
-
     folder = tmp_path_factory.mktemp("qdq")
-    int8 = folder / "efficientnet_lite0_qdq.onnx"
-    quantize_static(str(fp32), str(int8), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    int8 = quantize_int8(fp32, folder / "efficientnet_lite0_qdq.onnx")
     ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    int16 = folder / "efficientnet_lite0_qdq16.onnx"      # 16-bit activations: com.microsoft Q/DQ
-    quantize_static(str(fp32), str(int16), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8,
-                    extra_options={"UseQDQContribOps": True})
+    int16 = quantize_int8(fp32, folder / "efficientnet_lite0_qdq16.onnx", activation_bits=16)
     assert {n.domain for n in onnx.load(str(int16)).graph.node if n.op_type == "QuantizeLinear"} == {"com.microsoft"}
     return fp32, {"int8": int8, "int16": int16}
 

@@ -20,8 +20,9 @@ sys.path.insert(0, str(TOOLS))
 LAST_BLOCK_PROJECTION = "/_blocks.15/_project_conv/Conv"     # legacy export's node name
 
 
-def quantize_int8(source: str | Path, out: str | Path) -> Path:
-    """QDQ format, per-channel int8 weights, uint8 activations, calibrated on the example photos."""
+def quantize_int8(source: str | Path, out: str | Path, activation_bits: int = 8) -> Path:
+    """QDQ format, per-channel int8 weights, uint8 activations (uint16 with ``activation_bits=16``, as
+    com.microsoft Q/DQ), calibrated on the example photos."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     import make_efficientnet
@@ -36,8 +37,10 @@ def quantize_int8(source: str | Path, out: str | Path) -> Path:
         def get_next(self):
             return next(self.items, None)
 
+    wide = activation_bits == 16
     quantize_static(str(source), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt16 if wide else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, extra_options={"UseQDQContribOps": True} if wide else None)
     return Path(out)
 
 
