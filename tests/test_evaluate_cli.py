@@ -7,10 +7,9 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from onnxcam.cli import main
 from tiny_models import tiny_classifier
+from user_path import run_cli
 
 FAITHFULNESS = ["average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc"]
 
@@ -31,13 +30,14 @@ def files(tmp_path):
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, ["evaluate", *[str(a) for a in args]])
+    return run_cli("evaluate", *args)      # stdout and stderr apart with every click version
 
 
 def one_line_error(result, fragment):
     assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == "", result.stdout
     assert fragment in lines[0], lines[0]
 
 
