@@ -12,6 +12,7 @@ truncated or damaged file is recognised for certain, not parsed into a half mode
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,9 +39,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "onnxcam"
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
+    """The onnxcam version and a digest of its own source files: an entry built by other code (a
+    development checkout between releases, an upgrade) is never read back as if it were current."""
     from . import __version__
-    return __version__
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode())
+        digest.update(source.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:16]}"
 
 
 def model_digest(model_proto: onnx.ModelProto | bytes) -> bytes | None:

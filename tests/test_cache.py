@@ -199,3 +199,18 @@ def test_cache_info_and_clear_commands(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["cache", "clear"])
     assert result.exit_code == 0 and "removed 2 cached model(s)" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_cache_keys_follow_the_onnxcam_source(tmp_path, monkeypatch):
+    """An entry built by other onnxcam code (a stale node table from a development checkout, an
+    upgrade) is never read back: the key holds a digest of the package's sources."""
+    import onnxcam.cache as cache_module
+    parts = {"family": "test"}
+    first = cache_module.cache_key(parts, b"model")
+    cache_module._version.cache_clear()
+    monkeypatch.setattr(cache_module, "__file__", str(tmp_path / "cache.py"))
+    (tmp_path / "cache.py").write_text("# other code\n")
+    try:
+        assert cache_module.cache_key(parts, b"model") != first
+    finally:
+        cache_module._version.cache_clear()
