@@ -11,7 +11,8 @@ from ..gradients import BACKENDS
 from ..methods import METHODS
 from ..runtime import PROVIDERS
 from .app import main
-from .options import _explainer_options, _floats, _input_options, _preprocessing, _progress_printer, _size, _target, applicable_methods, model_io_options, read_labels, read_mask
+from .options import (_explainer_options, _floats, _input_options, _prefix, _preprocessing, _progress_printer,
+                      _size, _target, applicable_methods, model_io_options, read_labels, read_mask, token_options)
 
 
 @main.command()
@@ -49,10 +50,7 @@ from .options import _explainer_options, _floats, _input_options, _preprocessing
 @click.option("--target-mask", type=click.Path(dir_okay=False),
               help="Segmentation outputs (N,K,H,W): score the --target class summed over this mask "
                    "(.npy array or image; nonzero pixels count), sized like the output map.")
-@click.option("--tokens-grid", help="Transformer token nodes (N,T,C): the patch grid HEIGHT,WIDTH "
-                                    "(default: guessed from the input size and the token count).")
-@click.option("--prefix-tokens", type=int, help="Transformer token nodes: class/distillation/register "
-                                                "tokens before the patch tokens, dropped (default: guessed).")
+@token_options
 @click.option("--detection-format", type=click.Choice(["auto", "yolov8", "yolov5"]), default=None,
               help="YOLO-style raw head: yolov8 (N,4+K,A) or yolov5 (N,A,5+K); auto tells them apart by "
                    "shape. Detectors are recognised by their output shape without it.")
@@ -260,8 +258,3 @@ def _box(text: str | None):
         raise OnnxcamError(f"--box {text!r} must be X1,Y1,X2,Y2 in image pixels with X2 > X1 and Y2 > Y1")
     return values
 
-
-def _prefix(count: int | None) -> int | None:
-    if count is not None and count < 0:
-        raise OnnxcamError("--prefix-tokens must be 0 or more")
-    return count

@@ -8,17 +8,14 @@ import click
 from ..errors import OnnxcamError
 from ..gradients import BACKENDS
 from .app import main
-from .options import _preprocessing, _size
+from .options import _prefix, _preprocessing, _size, token_options
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-@click.option("--tokens-grid", help="Transformer tokens: the patch grid HEIGHT,WIDTH (default: guessed "
-                                    "from the input size and the token count).")
-@click.option("--prefix-tokens", type=int, help="Transformer tokens: how many class/distillation/register "
-                                                "tokens come before the patch tokens (default: guessed).")
+@token_options
 def nodes(model, size, as_json, tokens_grid, prefix_tokens):
     """List the nodes whose output can be explained, with shapes; * marks the default."""
     from .. import layouts
@@ -36,7 +33,7 @@ def nodes(model, size, as_json, tokens_grid, prefix_tokens):
     input_spatial = layouts.spatial_shape(probe, layouts.input_layout(probe)) if probe else None
     grid = parse_grid(tokens_grid)
     reads_tokens = grid is not None or prefix_tokens is not None or is_transformer(loaded)
-    grids = grids_of(candidates, input_spatial, grid, prefix_tokens) if reads_tokens else {}
+    grids = grids_of(candidates, input_spatial, grid, _prefix(prefix_tokens)) if reads_tokens else {}
     if as_json:
         click.echo(json.dumps([{"node": c.name, "op_type": c.op_type, "tensor": c.tensor,
                                 "shape": list(c.shape) if c.shape else None, "scope": c.scope,

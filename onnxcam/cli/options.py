@@ -236,3 +236,19 @@ def read_feeds(specs: tuple[str, ...]) -> dict:
             raise OnnxcamError(f"--feed {name}: {path} is not a readable .npy array ({type(exc).__name__})") \
                 from None
     return feeds
+
+
+def token_options(command):
+    """--tokens-grid and --prefix-tokens (transformer token nodes), shared by explain and nodes."""
+    command = click.option("--prefix-tokens", type=int,
+                           help="Transformer token nodes: class/distillation/register tokens before the patch "
+                                "tokens, dropped (default: guessed).")(command)
+    return click.option("--tokens-grid", help="Transformer token nodes (N,T,C): the patch grid HEIGHT,WIDTH "
+                                              "(default: guessed from the input size and the token count)."
+                        )(command)
+
+
+def _prefix(count: int | None) -> int | None:
+    if count is not None and count < 0:
+        raise OnnxcamError("--prefix-tokens must be 0 or more")
+    return count
