@@ -75,9 +75,11 @@ class Explainer:
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
         self._probe_shape = self._explained_probe_shape(input_shape)
         self._probe = self._probe_shapes(input_shape)
-        self._digest = model_digest(self.model.proto) if cache else None    # once: every cache key needs it
-        self.candidates = node_table(self.model, self._probe, self.logits_name,
-                                     self._digest)[0]
+        # once: every cache key needs it (the file's own digest when load_model had the whole file)
+        self._digest = (self.model.digest or model_digest(self.model.proto)) if cache else None
+        # the node table and the scored output's declared shape: both cost shape inference, both cached
+        self.candidates, self.logits_declared_shape = node_table(self.model, self._probe, self.logits_name,
+                                                                 self._digest)
         self._tokens = tokens_grid is not None or prefix_tokens is not None or tokens.is_transformer(self.model)
         specs = [node] if isinstance(node, str) else list(node)
         if not specs:
@@ -88,6 +90,7 @@ class Explainer:
         self._forward_model: tuple[AugmentedModel, Runner] | None = None
         self._logits_shapes: dict[tuple, tuple] = {}
         self._heads: dict[str, object] = {}
+        self._unfed_nodes: list[NodeInfo] | None = None
         self._graph_maps = GraphMaps(self)
         self.scorecam = ScoreCam(self.model, self.input_layout, lambda x, sample: self.forward(x, sample)[0],
                                  provider, threads, probabilities, self.feeds.for_batch, output)
@@ -170,9 +173,15 @@ class Explainer:
         if self._output is None:
             def probe(n: int) -> tuple:
                 return tuple(self._run_forward(np.repeat(x[:1], n, axis=0))[0].shape)
-            self._output = locate_axes(self.logits_name, self.model.view.shape(self.logits_name),
+            self._output = locate_axes(self.logits_name, self.logits_declared_shape,
                                        self.model.input.shape, self.input_layout, probe, self.class_axis)
         return self._output
+
+    @property
+    def logits_static_shape(self) -> tuple | None:
+        """The scored output's declared shape with every dim not a known positive int as None."""
+        shape = self.logits_declared_shape
+        return None if shape is None else tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
 
     def _logits_shape(self, x: np.ndarray) -> tuple:
         """Canonical shape (N, K, *positions) of the scored output for batch ``x``: static when the
@@ -180,7 +189,7 @@ class Explainer:
         out = self.scored_output(x)
         key = x.shape[1:]
         if key not in self._logits_shapes:
-            declared = self.model.view.static_shape(self.logits_name)
+            declared = self.logits_static_shape
             if declared is not None and len(declared) == out.rank and all(
                     d is not None for i, d in enumerate(declared) if i != out.batch_axis):
                 shape = out.canonical(np.empty([1 if i == out.batch_axis else d for i, d in enumerate(declared)],
@@ -201,13 +210,14 @@ class Explainer:
     def _check_nodes_feed_the_output(self, method: str) -> None:
         """A node the scored output does not depend on has a zero gradient and no effect on the score:
         say so instead of drawing an empty map."""
-        upstream = self.model.view.ancestors(self.logits_name)
-        for node in self.nodes:
-            if node.tensor not in upstream:
-                raise OnnxcamError(f"node {node.name or node.tensor} does not feed the scored output "
-                                   f"{self.logits_name!r}, so {method} has nothing to measure there; pick a "
-                                   "node that does (`onnxcam nodes MODEL` marks the others with x), or use "
-                                   "--method eigencam")
+        if self._unfed_nodes is None:      # walked once: every explain call checks it
+            upstream = self.model.view.ancestors(self.logits_name)
+            self._unfed_nodes = [node for node in self.nodes if node.tensor not in upstream]
+        for node in self._unfed_nodes:
+            raise OnnxcamError(f"node {node.name or node.tensor} does not feed the scored output "
+                               f"{self.logits_name!r}, so {method} has nothing to measure there; pick a "
+                               "node that does (`onnxcam nodes MODEL` marks the others with x), or use "
+                               "--method eigencam")
 
     def _check_classifier_heads(self) -> None:
         for node in self.nodes:

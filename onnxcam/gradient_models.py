@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .cache import cached_model_bytes
+from .cache import cached_json, cached_model_bytes
 from .errors import OnnxcamError
 from .gradients import ort_training_available
 from .runtime import Runner
@@ -27,19 +27,42 @@ class GradientModels:
         self._bytes: dict[int, bytes] = {}     # serialized models not yet in a session
         self.generic_failure: OnnxcamError | None = None
         self.last_used: AugmentedModel | None = None
+        self._generic_backend: str | None = None
+
+    def generic_backend(self) -> str | None:
+        """The backend of the generic gradient model, None when it cannot be built. Kept in the cache
+        as a small record next to the model, so in-graph maps whose own model is cached never read
+        (and parse) the gradient model just to learn this."""
+        if None in self._models:
+            return self._models[None].backend
+        if self.generic_failure is not None:
+            return None
+        if self._generic_backend is None:
+            def facts() -> dict:
+                try:
+                    return {"backend": self._models[None].backend if self._generic() else None}
+                except OnnxcamError:
+                    return {"backend": None}
+            record = cached_json(self._parts(None, "gradient_facts"), self.e._digest, facts) \
+                if self.e.cache and self.e._digest is not None else facts()
+            self._generic_backend = record.get("backend") or ""
+        return self._generic_backend or None
+
+    def _generic(self) -> bool:
+        """Build the generic model if not tried yet; True when it exists."""
+        if None not in self._models and self.generic_failure is None:
+            try:
+                self._models[None] = self._built(None)
+            except OnnxcamError as exc:
+                if self.e.grad_backend == "ort-training":
+                    raise
+                self.generic_failure = exc
+        return self.generic_failure is None
 
     def build(self, x: np.ndarray | None) -> tuple[tuple | None, AugmentedModel]:
         """(shape key or None for the generic model, the augmented model) for the batch ``x``."""
-        if self.generic_failure is None:
-            if None not in self._models:
-                try:
-                    self._models[None] = self._built(None)
-                except OnnxcamError as exc:
-                    if self.e.grad_backend == "ort-training":
-                        raise
-                    self.generic_failure = exc
-            if self.generic_failure is None:
-                return None, self._models[None]
+        if self._generic():
+            return None, self._models[None]
         feeds = self._specialisation_feeds(x)
         if feeds is None:
             raise self.generic_failure
@@ -59,7 +82,7 @@ class GradientModels:
     @property
     def backend_used(self) -> str | None:
         used = self.last_used or self._models.get(None)   # in-graph maps run the generic one
-        return used.backend if used else None
+        return used.backend if used else self._generic_backend or None
 
     def _specialisation_feeds(self, x: np.ndarray | None) -> dict | None:
         e = self.e
@@ -68,6 +91,13 @@ class GradientModels:
                 return None
             x = np.zeros(e._probe_shape, np.float32)
         return {e.model.input.name: x, **e.feeds.for_batch(len(x))}
+
+    def _parts(self, feeds: dict | None, family: str = "gradient") -> dict:
+        e = self.e
+        return {"family": family, "nodes": e.tensors, "backend": e.grad_backend,
+                "probabilities": e.probabilities, "output": e.output,
+                "training_runtime": ort_training_available(),
+                "specialised_to": None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}}
 
     def _built(self, feeds: dict | None) -> AugmentedModel:
         e = self.e
@@ -80,11 +110,7 @@ class GradientModels:
         if not e.cache or e._digest is None:
             proto = build()
         else:
-            parts = {"family": "gradient", "nodes": e.tensors, "backend": e.grad_backend,
-                     "probabilities": e.probabilities, "output": e.output,
-                     "training_runtime": ort_training_available(),
-                     "specialised_to": None if feeds is None else {k: list(v.shape) for k, v in feeds.items()}}
-            data = cached_model_bytes(parts, e._digest, build)
+            data = cached_model_bytes(self._parts(feeds), e._digest, build)
             proto = onnx.load_from_string(data)
             self._bytes[id(proto)] = data
         return AugmentedModel.from_gradient_proto(proto, e.model.input.name, e.logits_name, e.tensors)

@@ -5,6 +5,7 @@ OnnxcamError with a one-line fix, so the CLI never shows a protobuf traceback.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from .cache import MAX_CACHED_BYTES as MAX_DIGESTED_BYTES
 from .errors import OnnxcamError, shape_text
 from .graph import GraphView, default_opset
 
@@ -43,6 +45,7 @@ class LoadedModel:
     outputs: list[TensorSpec]
     metadata: dict[str, str] = field(default_factory=dict)
     input_name: str | None = None     # the explained input (chosen by load_model)
+    digest: bytes | None = None       # sha256 of the file's bytes when they are the whole model (see cache)
 
     @property
     def input(self) -> TensorSpec:
@@ -94,12 +97,12 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel", input
         if input is None or input == model.input_name:
             return model
         return replace(model, input_name=_explained_input(model.inputs, input, model.path).name)
-    path = None
+    path, digest = None, None
     if isinstance(model, onnx.ModelProto):
         proto = model
     else:
         path = Path(model)
-        proto = _read_proto(path)
+        proto, digest = _read_proto(path)
     graph = proto.graph
     initializers = {init.name for init in graph.initializer}
     inputs = [tensor_spec(vi) for vi in graph.input if vi.name not in initializers]
@@ -109,7 +112,7 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto | LoadedModel", input
     explained = _explained_input(inputs, input, path)
     default_opset(proto)   # a model without the default domain is not one onnxcam can read
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return LoadedModel(proto, path, inputs, outputs, metadata, explained.name)
+    return LoadedModel(proto, path, inputs, outputs, metadata, explained.name, digest)
 
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
@@ -141,21 +144,24 @@ def _label(path: Path | None) -> str:
     return str(path) if path is not None else "the model"
 
 
-def _read_proto(path: Path) -> onnx.ModelProto:
+def _read_proto(path: Path) -> tuple[onnx.ModelProto, bytes | None]:
+    """The model, and the sha256 of the file's bytes when they hold all of it (no external data): the
+    cache keys start from that digest, which saves serializing the model again to hash it."""
     if not path.exists():
         raise OnnxcamError(f"model file {path} does not exist; check the path")
     if path.is_dir():
         raise OnnxcamError(f"{path} is a directory, not an ONNX model file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+        proto = onnx.load_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
         raise OnnxcamError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
                            "pass a .onnx file exported from your framework") from exc
     if not proto.graph.node and not proto.graph.output:
         raise OnnxcamError(f"{path} is not an ONNX model (no graph found); pass a .onnx file")
-    _load_external_data(proto, path)
+    external = _load_external_data(proto, path)
     check_structure(proto, str(path))
-    return proto
+    return proto, None if external or len(data) > MAX_DIGESTED_BYTES else hashlib.sha256(data).digest()
 
 
 def check_structure(proto: onnx.ModelProto, label: str) -> None:
@@ -182,8 +188,9 @@ def _bad_text(message) -> bool:
     return False
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Bring external weights (torch dynamo exports write a .onnx.data file) into the proto.
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> bool:
+    """Bring external weights (torch dynamo exports write a .onnx.data file) into the proto; True when
+    there were any.
 
     onnxcam reads the files itself rather than leaving the policy to the installed ``onnx`` (older
     releases follow symlinks and ``../``): a weights file must lie inside the model's own folder
@@ -193,7 +200,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
 
     external = [t for t in _all_tensors(proto) if uses_external_data(t)]
     if not external:
-        return
+        return False
     base = path.resolve().parent
     files: dict[str, bytes] = {}
     for tensor in external:
@@ -218,6 +225,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         tensor.raw_data = data[offset:offset + length]
         del tensor.external_data[:]
         tensor.data_location = TensorProto.DEFAULT
+    return True
 
 
 def _read_confined(path: Path, base: Path, location: str) -> bytes:

@@ -121,6 +121,27 @@ def test_second_explainer_reads_the_augmented_model_from_the_cache(model, x, tmp
         Explainer(model, "/features/conv/Conv", grad_backend="portable").explain(x)
 
 
+def test_warm_explainer_with_in_graph_maps_reads_nothing_but_the_maps_model(model, x, tmp_path, monkeypatch):
+    """A warm call (the CLI's fixed cost) neither parses the gradient model nor runs shape inference:
+    the in-graph maps model, the node table, the scored output's shape and the gradient backend are
+    all read back from the cache."""
+    import onnx.shape_inference
+    import onnxcam.gradient_models as gradient_models_module
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    first = Explainer(path, "/features/relu/Relu", grad_backend="portable", maps="graph").explain(x).maps
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed on a warm cache")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", forbidden)
+    monkeypatch.setattr(gradient_models_module.GradientModels, "_built", forbidden)
+    again = Explainer(path, "/features/relu/Relu", grad_backend="portable", maps="graph")
+    np.testing.assert_array_equal(again.explain(x).maps, first)
+    assert again.gradient_backend_used == "portable"
+
+
 def test_missing_onnxruntime_names_the_extras(model, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

@@ -88,3 +88,15 @@ def test_other_methods_share_the_run_on_the_host(shapes_x):
 def test_efficientnet(efficientnet_onnx, photos):
     graph, numpy_engine = _pair(efficientnet_onnx, "_blocks.15")
     _compare(graph, numpy_engine, photos[:2])
+
+
+@pytest.mark.parametrize("source, target", [((7, 7), (224, 224)), ((7, 9), (224, 300)), ((30, 20), (7, 9)),
+                                            ((5, 5), (5, 5)), ((1, 1), (10, 10)), ((2, 3), (64, 17))])
+def test_interpolation_matrices_are_cv2_bilinear(source, target):
+    """The constant-MatMul resize (fixed sizes) against cv2.resize INTER_LINEAR, the NumPy engine's:
+    up, down, non-integer factors, one pixel, the identity."""
+    import cv2
+    from onnxcam.maps_graph import interpolation_matrix
+    maps = np.random.default_rng(0).random(source, np.float32)
+    ours = interpolation_matrix(source[0], target[0]) @ maps @ interpolation_matrix(source[1], target[1]).T
+    np.testing.assert_allclose(ours, cv2.resize(maps, target[::-1]), rtol=0, atol=3e-7)

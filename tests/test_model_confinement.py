@@ -108,3 +108,13 @@ def test_cli_refusal_is_one_line(tmp_path):
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "refused" in lines[0], result.output
+
+
+def test_digest_is_the_file_bytes_only_when_they_hold_the_whole_model(tmp_path):
+    """The cache keys start from this digest: an external-data model's file alone is not the model."""
+    import hashlib
+    whole = tmp_path / "whole.onnx"
+    onnx.save(tiny_classifier(), str(whole))
+    assert load_model(whole).digest == hashlib.sha256(whole.read_bytes()).digest()
+    assert load_model(_save_external(tmp_path / "model")).digest is None
+    assert load_model(tiny_classifier()).digest is None      # a proto: the explainer serializes it

@@ -240,10 +240,9 @@ def _detector(explainer, fmt, index, box, mask) -> bool:
         return True
     if mask is not None:
         return False
-    view = explainer.model.view
-    if nms_node(view) is not None:
+    if nms_node(explainer.model.view) is not None:
         return True
-    shape = view.static_shape(explainer.logits_name)
+    shape = explainer.logits_static_shape
     if shape is not None and len(shape) == 3 and None in shape[1:] and explainer.probe_shape is not None:
         import numpy as np     # the head's length is symbolic: measure it on the probe input
         shape = explainer.forward(np.zeros(explainer.probe_shape, np.float32))[0].shape
