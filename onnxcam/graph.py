@@ -288,6 +288,22 @@ def view_of(model) -> GraphView:
     return model.view
 
 
+def without_unused(nodes: list[onnx.NodeProto], needed: set[str],
+                   removable=lambda node: True) -> list[onnx.NodeProto]:
+    """``nodes`` (in order) less the ``removable`` ones whose outputs nothing in ``needed`` (the graph
+    outputs) or a kept node reads. ONNX Runtime runs unused nodes too, so an edit that leaves some
+    behind (an Expand a broadcast made unnecessary) prunes them."""
+    needed = set(needed)
+    kept = []
+    for node in reversed(nodes):
+        if removable(node) and not any(o in needed for o in node.output if o):
+            continue
+        kept.append(node)
+        needed.update(i for i in node.input if i)
+        needed.update(subgraph_inputs(node))
+    return kept[::-1]
+
+
 class GraphBuilder:
     """Fresh names, constants and nodes for one edit of one graph.
 

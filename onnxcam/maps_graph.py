@@ -30,11 +30,11 @@ import onnx
 from . import layouts
 from .cache import cached_model_bytes
 from .gradients import ort_training_available
-from .graph import GraphBuilder, GraphView, copy_model
+from .graph import GraphBuilder, GraphView, attributes, copy_model, is_default_domain, without_unused
 from .methods.gradient_based import GRADCAM_PLUS_PLUS_EPS, XGRADCAM_EPS
 from .methods.postprocess import NORMALIZE_EPS
 from .runtime import Runner
-from .surgery import set_outputs
+from .surgery import TARGET_WEIGHTS, set_outputs
 
 IN_GRAPH_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
 MAPS_ENGINES = ("auto", "graph", "numpy")
@@ -43,6 +43,7 @@ MAPS_ENGINES = ("auto", "graph", "numpy")
 GRAPH_MAPS_BY_DEFAULT = True
 MIN_OPSET = 11
 _SPATIAL = [2, 3]
+_OWN_NODES = ("onnxcam_bw/", "onnxcam_head/", "onnxcam_maps/")   # GraphBuilder prefixes of the edits
 
 
 def maps_output(method: str) -> str:
@@ -79,8 +80,9 @@ def node_layout(shape: tuple | None, input_spatial: tuple | None, input_layout: 
 class _Emitter:
     """The method formulas and the post-processing as ONNX nodes (float32, channels-first)."""
 
-    def __init__(self, b: GraphBuilder):
+    def __init__(self, b: GraphBuilder, view: GraphView):
         self.b = b
+        self.view = view
 
     def const(self, value: float) -> str:
         return self.b.initializer(np.array(value, np.float32), "c")
@@ -95,7 +97,7 @@ class _Emitter:
     def layer_map(self, method: str, A: str, G: str) -> str:
         op, b = self.b.op, self.b
         if method == "gradcam":
-            return self.weighted(A, self.reduce("ReduceMean", G, _SPATIAL, 1))
+            return self.weighted(A, self.spatial_mean(G))
         if method == "hirescam":
             return op("Relu", [self.reduce("ReduceSum", op("Mul", [G, A]), [1], 0)])
         if method == "layercam":
@@ -113,6 +115,17 @@ class _Emitter:
             alpha = op("Where", [op("Equal", [G, self.const(0.0)]), self.const(0.0), alpha])
             return self.weighted(A, self.reduce("ReduceSum", op("Mul", [op("Relu", [G]), alpha]), _SPATIAL, 1))
         raise ValueError(f"{method} has no in-graph form")
+
+    def spatial_mean(self, G: str) -> str:
+        """The mean of G over (H, W), (N, C, 1, 1). When G is a pointwise Conv of h (the backward of a
+        1x1 convolution, as after MobileNet/EfficientNet's last block), the Conv is a per-pixel linear
+        map, so the mean of G is that Conv of the mean of h: applied to one pixel instead of H·W (and
+        the full-size Conv, then unused, is pruned). Equal up to float rounding."""
+        conv = _pointwise_conv(self.view, G)
+        if conv is None:
+            return self.reduce("ReduceMean", G, _SPATIAL, 1)
+        pooled = self.reduce("ReduceMean", conv.input[0], _SPATIAL, 1)
+        return self.b.op("Conv", [pooled, *conv.input[1:]], **attributes(conv))
 
     def normalize(self, maps: str) -> str:
         """Per sample (x − min) / (max + 1e-7) over (H, W), as postprocess.normalize."""
@@ -136,6 +149,71 @@ class _Emitter:
         resized = b.op("Resize", [planes, empty, empty, sizes], mode="linear",
                        coordinate_transformation_mode="half_pixel")
         return b.axes_op("Squeeze", resized, [1])
+
+
+def _pointwise_conv(view: GraphView, name: str) -> onnx.NodeProto | None:
+    """The Conv that makes ``name`` (through Identity) when it is pointwise (1x1 kernel, stride 1, no
+    padding) on a 4D tensor, else None."""
+    node = view.producer.get(name)
+    while node is not None and node.op_type == "Identity" and is_default_domain(node):
+        node = view.producer.get(node.input[0])
+    if node is None or node.op_type != "Conv" or not is_default_domain(node):
+        return None
+    a = attributes(node)
+    kernel = a.get("kernel_shape")
+    if kernel is None or list(kernel) != [1, 1]:
+        return None
+    if any(v != 1 for v in a.get("strides") or [1]) or any(v != 0 for v in a.get("pads") or [0]):
+        return None
+    return node if a.get("auto_pad", "NOTSET") in ("NOTSET", "", "VALID") else None
+
+
+def gather_target_rows(proto: onnx.ModelProto, view: GraphView, logits: str) -> None:
+    """Where the backward of a constant linear classifier (Gemm or MatMul) multiplies the score head's
+    effective weights by the weight matrix, gather the target rows instead (in place).
+
+    The maps models serve classifiers only (``GraphMaps.plan``), whose target weights are one-hot rows
+    or zero rows that the head turns into the arg-max's one-hot (``targets.target_weights``): one-hot
+    times a matrix is exactly its row, read in a few kilobytes instead of the whole matrix (the
+    backward Gemm of EfficientNet's 1000 x 1280 classifier cost ~2 % of a forward pass at batch 1).
+    The target index is read from the weights fed (a one-hot row) or the logits' arg-max (a zero row),
+    which leaves the head's own one-hot arithmetic unused (pruned)."""
+    nodes = []
+    for node in proto.graph.node:
+        nodes.append(node)
+        if not node.name.startswith("onnxcam_bw/") or node.op_type not in ("Gemm", "MatMul"):
+            continue
+        head = view.producer.get(node.input[0])
+        if head is None or head.op_type != "Add" or TARGET_WEIGHTS not in head.input \
+                or not head.name.startswith("onnxcam_head/"):
+            continue
+        matrix, transposed = node.input[1], False
+        if node.op_type == "Gemm":
+            a = attributes(node)
+            if len(node.input) > 2 or a.get("alpha", 1.0) != 1.0 or a.get("transA", 0):
+                continue
+            transposed = bool(a.get("transB", 0))
+        else:                       # MatMul(g, Transpose(B)): the MatMul rule's form
+            made = view.producer.get(matrix)
+            if made is None or made.op_type != "Transpose" or attributes(made).get("perm", [1, 0]) != [1, 0]:
+                continue
+            matrix, transposed = made.input[0], True
+        weights = view.initializers.get(matrix)
+        if weights is None or len(weights.dims) != 2:
+            continue
+        b = GraphBuilder(view.names(), f"{node.name}/rows_", view.opset)
+        given = b.op("Greater", [b.axes_op("ReduceMax", TARGET_WEIGHTS, [1], keepdims=0),
+                                 b.initializer(np.array(0.0, np.float32), "zero")])
+        target = b.op("Where", [given, b.op("ArgMax", [TARGET_WEIGHTS], axis=1, keepdims=0),
+                                b.op("ArgMax", [logits], axis=1, keepdims=0)])
+        if transposed:    # (N, K) @ Bᵀ with B (F, K): columns of B, then (N, F)
+            b.op("Transpose", [b.op("Gather", [matrix, target], axis=1)], outputs=[node.output[0]], perm=[1, 0])
+        else:
+            b.op("Gather", [matrix, target], outputs=[node.output[0]], axis=0)
+        nodes[-1:] = b.nodes            # the row lookup writes the product's name: its readers stay
+        proto.graph.initializer.extend(b.initializers)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 def interpolation_matrix(source: int, target: int) -> np.ndarray:
@@ -165,8 +243,10 @@ def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logi
     those output names. ``layer_sizes`` (each node's (h, w), channels-first) and ``input_size`` (H, W),
     when known before the model runs, let the resize be constant MatMuls."""
     view = GraphView(proto)
+    gather_target_rows(proto, view, logits)
+    view = GraphView(proto)
     b = GraphBuilder(view.names(), "onnxcam_maps/", view.opset)
-    e = _Emitter(b)
+    e = _Emitter(b, view)
     spatial = [2, 3] if input_layout == layouts.FIRST else [1, 2]
     size = b.op("Gather", [b.op("Shape", [input_name]), b.ints(spatial)], axis=0)
     first = []
@@ -197,6 +277,11 @@ def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logi
     names = maps_output_names(logits, methods, activations, expose_activations)
     assert names[1:1 + len(outputs) + len(layer_outputs)] == outputs + layer_outputs
     set_outputs(proto, names, view)
+    # what only the dropped outputs needed (the gradients themselves when a method reads just their
+    # mean, the score): onnxcam's own nodes that nothing reads any more
+    kept = without_unused(list(proto.graph.node), set(names), lambda node: node.name.startswith(_OWN_NODES))
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
     return names
 
 

@@ -89,7 +89,11 @@ def add_target_head(proto: onnx.ModelProto, logits: str, view: GraphView | None 
     shape = view.static_shape(logits)
     rank = len(shape) if shape is not None else 2
     b = GraphBuilder(view.names(), "onnxcam_head/", view.opset)
-    w_dims = ["batch"] + [d if d else f"onnxcam_d{i}" for i, d in enumerate(shape[1:] if shape else [None], 1)]
+    # W takes the logits' own batch dim (symbol or size): shape inference then gives W, the effective
+    # weights and logits * W one shape, which lets the backward seed d score / d logits = W directly
+    declared = view.shape(logits)
+    batch = declared[0] if declared and isinstance(declared[0], (int, str)) and declared[0] else "batch"
+    w_dims = [batch] + [d if d else f"onnxcam_d{i}" for i, d in enumerate(shape[1:] if shape else [None], 1)]
     graph.input.append(helper.make_tensor_value_info(b.reserve(TARGET_WEIGHTS), TensorProto.FLOAT, w_dims))
     if view.elem_type(logits) not in (TensorProto.FLOAT, 0):  # float16/double: score in float32
         logits = b.op("Cast", [logits], to=TensorProto.FLOAT)

@@ -100,3 +100,47 @@ def test_interpolation_matrices_are_cv2_bilinear(source, target):
     maps = np.random.default_rng(0).random(source, np.float32)
     ours = interpolation_matrix(source[0], target[0]) @ maps @ interpolation_matrix(source[1], target[1]).T
     np.testing.assert_allclose(ours, cv2.resize(maps, target[::-1]), rtol=0, atol=3e-7)
+
+
+def _with_head(kind: str):
+    """tiny_classifier with its Gemm (transB=1) as Gemm transB=0 or MatMul + Add (Keras' form)."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from tiny_models import tiny_classifier
+    model = tiny_classifier(channels=6, classes=5, size=8, softmax=False)
+    if kind == "gemm":
+        return model
+    graph = model.graph
+    fc = next(i for i in graph.initializer if i.name == "fc_w")
+    fc.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(fc).T), "fc_w"))
+    node = next(n for n in graph.node if n.op_type == "Gemm")
+    if kind == "gemm_transB0":
+        node.CopyFrom(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="/fc/Gemm"))
+    else:
+        index = list(graph.node).index(node)
+        del graph.node[index]
+        graph.node.insert(index, helper.make_node("MatMul", ["flat", "fc_w"], ["mm"], name="/fc/MatMul"))
+        graph.node.insert(index + 1, helper.make_node("Add", ["mm", "fc_b"], ["logits"], name="/fc/Add"))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemm", "gemm_transB0", "matmul"])
+def test_the_classifier_backward_reads_only_the_target_rows(kind):
+    """One-hot target weights times the classifier matrix become a row lookup (gather_target_rows):
+    no product with the whole matrix is left in the maps model, and the maps are the NumPy engine's,
+    for the arg-max default and for explicit targets."""
+    from onnxcam.graph import copy_model
+    from onnxcam.layouts import FIRST as graph_layout
+    from onnxcam.maps_graph import append_maps
+    model = _with_head(kind)
+    x = np.random.default_rng(5).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    graph, numpy_engine = _pair(model, "/features/relu/Relu")
+    _compare(graph, numpy_engine, x)
+    _compare(graph, numpy_engine, x, targets=[4, 0, 2, 2])
+    gradient = graph.augmented_gradient_model()
+    proto = copy_model(gradient.proto)
+    append_maps(proto, gradient.input_name, graph.input_layout, gradient.logits, gradient.activations,
+                gradient.gradients, [graph_layout], ["gradcam"])
+    backward = [n.op_type for n in proto.graph.node if n.name.startswith("onnxcam_bw/")]
+    assert "Gather" in backward and not {"Gemm", "MatMul"} & set(backward)

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import OnnxcamError
-from ..graph import FLOAT_TYPES, GraphView, copy_model, is_default_domain, subgraph_inputs
+from ..graph import FLOAT_TYPES, GraphView, copy_model, is_default_domain, subgraph_inputs, without_unused
 from . import gradient_name
 from .rules import DOMAIN_RULES, INTEGER_RULES, RULES, Emitter, Unsupported
 
@@ -115,7 +115,7 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
     if score in active or score in wrt:
         seed = emitter.op("ConstantOfShape", [emitter.shape_of(score)],
                           value=numpy_helper.from_array(np.ones(1, emitter.np_dtype(score)), ""))
-        contributions[score] = [seed]
+        contributions[score] = [emitter.mark_ones(seed)]
 
     def gradient_of(name):
         parts = contributions.get(name)
@@ -171,7 +171,8 @@ def _differentiate(model: onnx.ModelProto, score: str, wrt: list[str], collect: 
                                               name=emitter.fresh("output")))
         elem, shape = view.type_of(t)
         g_out.output.append(helper.make_tensor_value_info(gradient_name(t), elem or TensorProto.FLOAT, shape))
-    g_out.node.extend(emitter.nodes)
+    # the backward nodes the outputs need (a rule that broadcast a compact gradient leaves its Expand unused)
+    g_out.node.extend(without_unused(emitter.nodes, {o.name for o in g_out.output}))
     return out, problems
 
 

@@ -29,6 +29,8 @@ class Emitter(GraphBuilder):
         self._types = view.types()
         self._own_constants: dict[str, np.ndarray] = {}
         self._shape_cache: dict[str, str] = {}
+        self._compact: dict[str, str] = {}     # an emitted broadcast -> the smaller tensor it repeats
+        self._ones: set[str] = set()           # emitted tensors known to hold only ones (the seed)
 
     def body(self) -> "Emitter":
         """An emitter for a subgraph body (Scan): names from the same pool, a prefix of its own, its own
@@ -58,6 +60,32 @@ class Emitter(GraphBuilder):
 
     def ints(self, values, hint: str = "ints") -> str:
         return self.const(np.asarray(values, dtype=np.int64).reshape(-1))
+
+    # ---- broadcasts the rules can skip ----------------------------------------------------------
+    def expand_to(self, small: str, like: str) -> str:
+        """``small`` (same rank) broadcast to the shape of forward tensor ``like``, remembered: a rule
+        that multiplies the result by a tensor of that full shape broadcasts ``small`` instead
+        (``compact``), and the Expand, then unused, is pruned. Same values, one full-size pass less."""
+        full = self.op("Expand", [small, self.shape_of(like)])
+        self._compact[full] = small
+        return full
+
+    def compact(self, g: str) -> str:
+        """The smaller tensor ``g`` broadcasts (``expand_to``), else ``g`` itself."""
+        return self._compact.get(g, g)
+
+    def mark_ones(self, name: str) -> str:
+        self._ones.add(name)
+        return name
+
+    def is_ones(self, name: str) -> bool:
+        return name in self._ones
+
+    def same_shape(self, a: str, b: str) -> bool:
+        """Whether shape inference gives ``a`` and ``b`` the same dims (symbols included) at every axis."""
+        sa, sb = self.shape(a), self.shape(b)
+        return (sa is not None and sb is not None and len(sa) == len(sb)
+                and all(x is not None and x == y for x, y in zip(sa, sb)))
 
     # ---- what is known about forward tensors --------------------------------------------------
     def dtype(self, name: str) -> int:

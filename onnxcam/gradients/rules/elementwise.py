@@ -69,8 +69,16 @@ def additive(e, node, gy, need):
 @rule("Mul")
 def mul(e, node, gy, need):
     a, b = node.input
-    return [_unb(e, e.op("Mul", [gy[0], b]), node, 0) if need[0] else None,
-            _unb(e, e.op("Mul", [gy[0], a]), node, 1) if need[1] else None]
+    y = node.output[0]
+
+    def times(other: str) -> str:
+        if e.same_shape(other, y):      # the product has the full shape whatever gy's broadcast
+            # d Σ(a·b) / da = b exactly: the score head's seed is all ones
+            return other if e.is_ones(gy[0]) else e.op("Mul", [e.compact(gy[0]), other])
+        return e.op("Mul", [gy[0], other])
+
+    return [_unb(e, times(b), node, 0) if need[0] else None,
+            _unb(e, times(a), node, 1) if need[1] else None]
 
 
 @rule("Div")
@@ -93,7 +101,8 @@ def neg(e, node, gy, need):
 def relu(e, node, gy, need):
     # y > 0 exactly where x > 0; reading y, not x, leaves ONNX Runtime free to fuse Conv + Relu
     y = node.output[0]
-    return [e.op("Mul", [gy[0], _mask(e, e.op("Greater", [y, e.scalar(0.0, y)]), y)])]
+    # the mask has y's full shape: a broadcast gradient (after a global pooling) need not be expanded
+    return [e.op("Mul", [e.compact(gy[0]), _mask(e, e.op("Greater", [y, e.scalar(0.0, y)]), y)])]
 
 
 @rule("LeakyRelu")
@@ -143,7 +152,7 @@ def clip(e, node, gy, need):
         bound = e.scalar(bound, x) if isinstance(bound, float) else bound
         test = e.op(op_type, [x, bound])
         inside = test if inside is None else e.op("And", [inside, test])
-    g = gy[0] if inside is None else e.op("Mul", [gy[0], _mask(e, inside, x)])
+    g = gy[0] if inside is None else e.op("Mul", [e.compact(gy[0]), _mask(e, inside, x)])   # full-shape mask
     return [g] + [None] * (len(node.input) - 1)
 
 

@@ -120,9 +120,11 @@ def global_average_pool(e: Emitter, node, gy, need):
     if all(isinstance(d, int) for d in spatial):
         # static spatial size: one broadcast Mul by a constant 1/(H*W) plane, no Shape/Expand at run time
         plane = np.full([1, 1, *spatial], 1.0 / float(np.prod(spatial)), dtype=e.np_dtype(x))
-        return [e.op("Mul", [gy[0], e.const(plane)])]
+        full = e.op("Mul", [gy[0], e.const(plane)])
+        e._compact[full] = e.op("Mul", [gy[0], e.scalar(1.0 / float(np.prod(spatial)), x)])  # same values
+        return [full]
     share = e.op("Div", [gy[0], _spatial_count(e, x, range(2, e.rank(x)))])
-    return [e.op("Expand", [share, e.shape_of(x)])]
+    return [e.expand_to(share, x)]
 
 
 @rule("GlobalMaxPool")
@@ -164,9 +166,11 @@ def reduce(e: Emitter, node, gy, need):
     y2 = y if keep or not axes else e.unsqueeze(y, axes)
     op = node.op_type
     if op == "ReduceSum":
-        gx = e.op("Expand", [g, e.shape_of(x)])
+        gx = e.expand_to(g, x)
+        if e.is_ones(gy[0]):
+            e.mark_ones(gx)
     elif op == "ReduceMean":
-        gx = e.op("Expand", [e.op("Div", [g, _spatial_count(e, x, axes)]), e.shape_of(x)])
+        gx = e.expand_to(e.op("Div", [g, _spatial_count(e, x, axes)]), x)
     elif op == "ReduceSumSquare":
         gx = e.op("Mul", [e.op("Mul", [g, e.scalar(2.0, x)]), x])
     elif op == "ReduceLogSumExp":
