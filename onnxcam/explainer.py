@@ -328,8 +328,11 @@ class Explainer:
         result = {}
         for spec in specs:
             per = [p[1][spec.name] for p in parts]
-            maps, logits, chosen, scores = (np.concatenate([p[i] for p in per]) for i in range(4))
-            layer_maps = [np.concatenate([p[4][i] for p in per]) for i in range(len(self.nodes))]
+
+            def joined(arrays: list) -> np.ndarray:    # one batch: its arrays as they are, no copy
+                return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            maps, logits, chosen, scores = (joined([p[i] for p in per]) for i in range(4))
+            layer_maps = [joined([p[4][i] for p in per]) for i in range(len(self.nodes))]
             seconds = shared + sum(p[5] for p in per)
             result[spec.name] = Explanation(maps, chosen, scores, logits, spec.name,
                                             [node.name for node in self.nodes], layer_maps, seconds)

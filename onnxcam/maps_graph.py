@@ -292,10 +292,18 @@ class GraphMaps:
     def __init__(self, explainer):
         self.explainer = explainer
         self.sessions: dict[tuple, tuple[list[str], Runner]] = {}
+        self._plans: dict[tuple, tuple | None] = {}
 
     def plan(self, specs, x) -> tuple | None:
         """(methods computed in the graph, node layouts, whether the other methods need the
-        activations too) when this batch's gradient maps can come out of the session, else None."""
+        activations too) when this batch's gradient maps can come out of the session, else None.
+        Decided once per list of methods and input shape (past the batch): every call asks."""
+        key = (tuple(spec.name for spec in specs), x.shape[1:])
+        if key not in self._plans:
+            self._plans[key] = self._plan(specs, x)
+        return self._plans[key]
+
+    def _plan(self, specs, x) -> tuple | None:
         e = self.explainer
         if e.maps == "numpy" or (e.maps == "auto" and not GRAPH_MAPS_BY_DEFAULT):
             return None
