@@ -32,6 +32,7 @@ from .cache import cached_model_bytes
 from .gradients import ort_training_available
 from .graph import GraphBuilder, GraphView, attributes, copy_model, is_default_domain, without_unused
 from .methods.gradient_based import GRADCAM_PLUS_PLUS_EPS, XGRADCAM_EPS
+from .methods.interpolation import interpolation_matrix
 from .methods.postprocess import NORMALIZE_EPS
 from .runtime import Runner
 from .surgery import TARGET_WEIGHTS, set_outputs
@@ -135,8 +136,9 @@ class _Emitter:
 
     def resize_static(self, maps: str, source: tuple[int, int], target: tuple[int, int]) -> str:
         """(N, h, w) → (N, H, W) with known sizes: rows (H, h) @ maps @ columns (w, W)."""
-        rows = self.b.initializer(interpolation_matrix(source[0], target[0]), "rows")
-        columns = self.b.initializer(np.ascontiguousarray(interpolation_matrix(source[1], target[1]).T), "columns")
+        rows = self.b.initializer(interpolation_matrix(source[0], target[0], align_corners=False), "rows")
+        columns = self.b.initializer(np.ascontiguousarray(
+            interpolation_matrix(source[1], target[1], align_corners=False).T), "columns")
         return self.b.op("MatMul", [rows, self.b.op("MatMul", [maps, columns])])
 
     def resize_to(self, maps: str, size: str) -> str:
@@ -214,22 +216,6 @@ def gather_target_rows(proto: onnx.ModelProto, view: GraphView, logits: str) -> 
         proto.graph.initializer.extend(b.initializers)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-
-
-def interpolation_matrix(source: int, target: int) -> np.ndarray:
-    """(target, source) float32 weights of 1-D linear interpolation with half-pixel centres, clamped at
-    the borders: what cv2.resize INTER_LINEAR and ONNX Resize (linear, half_pixel) compute."""
-    position = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
-    left = np.floor(position).astype(np.int64)
-    weight = position - left
-    weight[left < 0], left[left < 0] = 0.0, 0
-    weight[left >= source - 1], left[left >= source - 1] = 0.0, source - 1
-    matrix = np.zeros((target, source), np.float64)
-    rows = np.arange(target)
-    matrix[rows, left] += 1.0 - weight
-    inside = weight > 0
-    matrix[rows[inside], left[inside] + 1] += weight[inside]
-    return matrix.astype(np.float32)
 
 
 def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logits: str,

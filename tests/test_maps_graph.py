@@ -96,9 +96,10 @@ def test_interpolation_matrices_are_cv2_bilinear(source, target):
     """The constant-MatMul resize (fixed sizes) against cv2.resize INTER_LINEAR, the NumPy engine's:
     up, down, non-integer factors, one pixel, the identity."""
     import cv2
-    from onnxcam.maps_graph import interpolation_matrix
+    from onnxcam.methods.interpolation import interpolation_matrix
     maps = np.random.default_rng(0).random(source, np.float32)
-    ours = interpolation_matrix(source[0], target[0]) @ maps @ interpolation_matrix(source[1], target[1]).T
+    ours = (interpolation_matrix(source[0], target[0], align_corners=False) @ maps
+            @ interpolation_matrix(source[1], target[1], align_corners=False).T)
     np.testing.assert_allclose(ours, cv2.resize(maps, target[::-1]), rtol=0, atol=3e-7)
 
 

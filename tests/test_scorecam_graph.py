@@ -125,7 +125,13 @@ def test_graph_masks_equal_channel_masks(small, size, layout):
     maps = (rng.normal(size=(6, *small)) * rng.uniform(0.01, 50, size=(6,) + (1,) * len(small)))
     maps = np.maximum(maps, 0).astype(np.float32)
     ones = np.ones((1, 1, *size) if layout == layouts.FIRST else (1, *size, 1), np.float32)
-    got = runner.run({"onnxcam_x": ones, "onnxcam_maps": maps})[0].reshape(6, *size)
+    feeds = {"onnxcam_x": ones, "onnxcam_maps": maps}
+    if len(small) == 2:       # 2D: the upsampling is two MatMuls with matrices the scorer feeds
+        from onnxcam.methods.interpolation import interpolation_matrix
+        assert {i.name for i in proto.graph.input} >= {"onnxcam_rows", "onnxcam_columns"}
+        feeds.update(onnxcam_rows=interpolation_matrix(small[0], size[0], align_corners=True),
+                     onnxcam_columns=interpolation_matrix(small[1], size[1], align_corners=True).T.copy())
+    got = runner.run(feeds)[0].reshape(6, *size)
     np.testing.assert_allclose(got, channel_masks(maps, size), atol=1e-6, rtol=0)
 
 

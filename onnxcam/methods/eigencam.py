@@ -8,12 +8,37 @@ pytorch-grad-cam asks for ``full_matrices=True``, which also builds the unused s
 or channels²: 30 s for 8 × 2048 × 7 × 7 on 2 cores). We ask for the economy SVD: the same LAPACK routine
 gives bit-identical right singular vectors, sign included (tests compare both on tall, wide and square
 matrices), at a fraction of the cost.
+
+These SVDs are small and one per image; OpenBLAS spreads each over all its threads, which made them
+twice as slow on two cores (a (49 × 2048) SVD: 8.2 ms on two threads, 4.5 ms on one) and left them
+fighting ONNX Runtime's threads, still spinning after the run (up to 10× slower inside an explain call).
+They run with BLAS limited to one thread (threadpoolctl) for the duration, whatever the process uses
+elsewhere.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import numpy as np
 
 from ._arrays import as_activations, relu
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:       # a dependency of onnxcam; without it the SVDs just use every BLAS thread
+        return None
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which NumPy's BLAS/LAPACK runs on one thread (see the module docstring)."""
+    controller = _blas_controller()
+    return controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext()
+
 
 def first_component_projection(A_sample: np.ndarray) -> np.ndarray:
     """Projection of one sample's centred activations (C, *S) on their first principal axis, shape S."""
@@ -27,4 +52,6 @@ def first_component_projection(A_sample: np.ndarray) -> np.ndarray:
 def eigencam(A) -> np.ndarray:
     """(N, *S) float32 ReLU of each sample's first-principal-component projection."""
     A = as_activations(A)
-    return relu(np.stack([first_component_projection(a) for a in A]).astype(np.float32))
+    with one_blas_thread():
+        projections = [first_component_projection(a) for a in A]
+    return relu(np.stack(projections).astype(np.float32))

@@ -28,6 +28,18 @@ def _axis_coefficients(in_size: int, out_size: int, align_corners: bool):
     return i0, i1, t
 
 
+def interpolation_matrix(in_size: int, out_size: int, *, align_corners: bool) -> np.ndarray:
+    """(out_size, in_size) float32 weights of one axis' linear interpolation (the two-tap rows of the
+    coefficients above): ``matrix @ signal`` resizes that axis. A 2D resize is then two MatMuls, which
+    ONNX Runtime runs several times faster than its Resize op at CAM sizes (7² -> 224²)."""
+    i0, i1, t = _axis_coefficients(in_size, out_size, align_corners)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, i0), np.float32(1) - t)
+    np.add.at(matrix, (rows, i1), t)
+    return matrix
+
+
 def linear_resize(array: np.ndarray, size: Sequence[int], *, align_corners: bool) -> np.ndarray:
     """Resize the last ``len(size)`` axes of ``array`` to ``size`` (array axis order); float32 result."""
     out = np.asarray(array, dtype=np.float32)
