@@ -89,8 +89,20 @@ def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A light copy for shape inference: large initializers without their data."""
+# Inputs that give sizes, pads or axes: shape inference reads their values only from initializers and
+# Constant nodes, so one such input an exporter computes from constants (the "static padding" chain of
+# PyTorch EfficientNet exports: Constant -> ConcatFromSequence/Reshape/Slice/Transpose -> Cast -> Pad)
+# leaves every size after it unknown.
+SHAPE_INPUTS = {"Pad": (1, 3), "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4),
+                "Resize": (2, 3), "Upsample": (1,), "ConstantOfShape": (0,), "Unsqueeze": (1,),
+                "Squeeze": (1,), "Range": (0, 1, 2), "OneHot": (1,), "TopK": (1,),
+                **{op: (1,) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                                       "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")}}
+
+
+def _without_weight_data(model: onnx.ModelProto, folded: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A light copy for shape inference: large initializers without their data, and the ``folded``
+    constant values of computed shape inputs as initializers."""
     light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
                             functions=model.functions)
     graph = light.graph
@@ -103,6 +115,8 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
         if int(np.prod(init.dims)) > SMALL_CONSTANT_ELEMENTS:
             init = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
         graph.initializer.append(init)
+    for name, value in (folded or {}).items():
+        graph.initializer.append(numpy_helper.from_array(value, name))
     return light
 
 
@@ -136,8 +150,9 @@ class GraphView:
             graph = self.graph
             declared = {vi.name: vi for vi in itertools.chain(graph.input, graph.value_info, graph.output)}
             try:
-                inferred = onnx.shape_inference.infer_shapes(_without_weight_data(self.proto), check_type=False,
-                                                             strict_mode=False, data_prop=True).graph
+                inferred = onnx.shape_inference.infer_shapes(
+                    _without_weight_data(self.proto, self._folded_shape_inputs()), check_type=False,
+                    strict_mode=False, data_prop=True).graph
                 found = {vi.name: vi for vi in itertools.chain(inferred.input, inferred.value_info,
                                                                inferred.output)}
             except Exception:   # inference is a help, never a requirement: callers probe or say why
@@ -147,6 +162,29 @@ class GraphView:
                     found[name] = vi
             self._value_infos = found
         return self._value_infos
+
+    def _folded_shape_inputs(self) -> dict[str, np.ndarray]:
+        """Values of the shape inputs (SHAPE_INPUTS) the graph computes from constants alone, folded
+        before any shape is known (the Shape-of-a-static-tensor rule of ``_sources`` needs shapes)."""
+        self._constant_sources = self._sources(with_shapes=False)
+        try:
+            folded = {}
+            for node in self.graph.node:
+                if not is_default_domain(node):
+                    continue
+                for k in SHAPE_INPUTS.get(node.op_type, ()):
+                    name = node.input[k] if k < len(node.input) else ""
+                    if not name or name in self.initializers or name in folded:
+                        continue
+                    made = self.producer.get(name)
+                    if made is None or made.op_type == "Constant":   # inference reads those itself
+                        continue
+                    value = self.constant(name)
+                    if isinstance(value, np.ndarray) and value.dtype != object:
+                        folded[name] = value
+            return folded
+        finally:
+            self._constant_sources = None      # with shapes known, more tensors may be constant
 
     def type_of(self, name: str) -> tuple[int, Shape]:
         """(element type or 0, dims or None) of a tensor; initializers from their own dims."""
@@ -179,20 +217,23 @@ class GraphView:
         return out
 
     # ---- constants ---------------------------------------------------------------------------
-    def _sources(self) -> set[str]:
-        """Tensors whose value is fixed by the graph alone (computed in one pass, graph order)."""
-        if self._constant_sources is None:
-            overridable = {vi.name for vi in self.graph.input}   # an initializer that is also an input
-            fixed = {name for name in self.initializers if name not in overridable}
-            for node in self.graph.node:
-                inputs = [i for i in node.input if i]
-                if not is_default_domain(node) or node.op_type in NOT_FOLDABLE:
-                    continue
-                if node.op_type == "Constant" or (inputs and all(i in fixed for i in inputs)) \
-                        or (node.op_type in ("Shape", "Size") and self._fully_static(node.input[0])):
-                    fixed.update(o for o in node.output if o)
+    def _sources(self, with_shapes: bool = True) -> set[str]:
+        """Tensors whose value is fixed by the graph alone (computed in one pass, graph order);
+        ``with_shapes``: also Shape/Size of tensors whose shape inference fixes (runs it)."""
+        if self._constant_sources is not None and with_shapes:
+            return self._constant_sources
+        overridable = {vi.name for vi in self.graph.input}   # an initializer that is also an input
+        fixed = {name for name in self.initializers if name not in overridable}
+        for node in self.graph.node:
+            inputs = [i for i in node.input if i]
+            if not is_default_domain(node) or node.op_type in NOT_FOLDABLE:
+                continue
+            if node.op_type == "Constant" or (inputs and all(i in fixed for i in inputs)) \
+                    or (with_shapes and node.op_type in ("Shape", "Size") and self._fully_static(node.input[0])):
+                fixed.update(o for o in node.output if o)
+        if with_shapes:
             self._constant_sources = fixed
-        return self._constant_sources
+        return fixed
 
     def _fully_static(self, name: str) -> bool:
         shape = self.static_shape(name)

@@ -384,3 +384,31 @@ def test_no_probe_when_inference_knows_every_shape(monkeypatch):
     candidates = list_candidates(_classifier([]))
     assert [(c.name, c.shape) for c in candidates] == [("conv", (1, 8, 8, 8)), ("relu", (1, 8, 8, 8)),
                                                        ("pool", (1, 8, 1, 1))]
+
+
+def test_pads_computed_from_constants_keep_the_shapes_known():
+    """PyTorch's EfficientNet export computes each "static padding" from constants (Constant ->
+    Reshape -> Slice -> Transpose -> Reshape -> Cast -> Pad); ONNX shape inference reads pads only from
+    initializers and Constant nodes, so the view folds such inputs first: every size after the Pad stays
+    known, which spares the gradient graph its run-time Shape arithmetic."""
+    from onnxcam.graph import GraphView
+    c = lambda name, value: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+    nodes = [
+        c("flat", np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int64)),       # (begin, end) per axis
+        c("pairs_shape", np.array([4, 2], np.int64)),
+        helper.make_node("Reshape", ["flat", "pairs_shape"], ["pairs"]),
+        helper.make_node("Transpose", ["pairs"], ["by_end"], perm=[1, 0]),
+        c("row", np.array([-1], np.int64)),
+        helper.make_node("Reshape", ["by_end", "row"], ["pads_f"]),
+        helper.make_node("Cast", ["pads_f"], ["pads"], to=TensorProto.INT64),
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["y"], ["pooled"]),
+    ]
+    graph = helper.make_graph(nodes, "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    view = GraphView(model)
+    assert view.shape("padded") == ["N", 3, 11, 11]
+    assert view.shape("y") == ["N", 4, 5, 5] and view.shape("pooled") == ["N", 4, 1, 1]

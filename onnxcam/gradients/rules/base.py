@@ -154,9 +154,14 @@ class Emitter(GraphBuilder):
         return self.op("ConstantOfShape", [self.shape_of(x)], value=zero)
 
     def reshape_like(self, g: str, target: str) -> str:
-        """Reshape a gradient to the shape of forward tensor ``target`` (constant shape when static)."""
-        s = self.static(target)
-        shape = self.ints(s) if s is not None else self.shape_of(target)
+        """Reshape a gradient to the shape of forward tensor ``target``: a constant shape when at most
+        one dim (the batch, typically) is unknown (-1 there: the sizes agree), else Shape(target)."""
+        dims = self.shape(target)
+        unknown = [d for d in dims or [None] if not (isinstance(d, int) and d > 0)]
+        if dims is not None and len(unknown) <= 1:
+            shape = self.ints([d if isinstance(d, int) and d > 0 else -1 for d in dims])
+        else:
+            shape = self.shape_of(target)
         return self.op("Reshape", [g, shape])
 
     def transpose_last_two(self, x: str, rank: int) -> str:
