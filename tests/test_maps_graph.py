@@ -145,3 +145,48 @@ def test_the_classifier_backward_reads_only_the_target_rows(kind):
                 gradient.gradients, [graph_layout], ["gradcam"])
     backward = [n.op_type for n in proto.graph.node if n.name.startswith("onnxcam_bw/")]
     assert "Gather" in backward and not {"Gemm", "MatMul"} & set(backward)
+
+
+def _conv_head(kernel: int):
+    """input -> Conv 3x3 -> Relu [the node 'act'] -> Conv kernel×kernel, stride 1, padded kernel - 1 ->
+    Relu -> GAP -> Gemm: the backward of the second Conv is an unpadded kernel×kernel Conv, which
+    Grad-CAM's mean may go through (1×1) or not (3×3)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (rng.normal(0, 0.5, (6, 3, 3, 3)), "w1"), (rng.normal(0, 0.3, (8, 6, kernel, kernel)), "w2"),
+        (rng.normal(0, 0.1, (8,)), "b2"), (rng.normal(0, 1.0, (5, 8)), "fc"))]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["act"], name="act"),
+             helper.make_node("Conv", ["act", "w2", "b2"], ["c2"], kernel_shape=[kernel, kernel],
+                              pads=[kernel - 1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_gradcam_mean_goes_through_pointwise_convs_only(kernel):
+    """Behind a 1x1 convolution Grad-CAM's spatial mean of the gradient is taken before the backward Conv
+    (a per-pixel linear map commutes with the mean); behind a 3x3 one it must not be: both equal the
+    NumPy engine, and only the 1x1 model loses its full-size backward Conv."""
+    from onnxcam.graph import copy_model
+    from onnxcam.layouts import FIRST
+    from onnxcam.maps_graph import append_maps
+    model = _conv_head(kernel)
+    x = np.random.default_rng(8).normal(size=(3, 3, 10, 10)).astype(np.float32)
+    graph, numpy_engine = _pair(model, "act")
+    _compare(graph, numpy_engine, x)
+    gradient = graph.augmented_gradient_model()
+    proto = copy_model(gradient.proto)
+    append_maps(proto, gradient.input_name, FIRST, gradient.logits, gradient.activations, gradient.gradients,
+                [FIRST], ["gradcam"])
+    backward_convs = [n for n in proto.graph.node if n.name.startswith("onnxcam_bw/") and n.op_type == "Conv"]
+    assert (len(backward_convs) == 0) == (kernel == 1)

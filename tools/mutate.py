@@ -39,6 +39,7 @@ class Mutation:
 M = Mutation
 PRE = ("tests/test_preprocess_render.py",)
 CLI = ("tests/test_cli.py",)
+MAPS = ("tests/test_maps_graph.py",)
 MUTATIONS = [
     # preprocessing
     M("std-multiplied", "preprocessing", "onnxcam/preprocess.py",
@@ -165,6 +166,41 @@ MUTATIONS = [
     M("auto-advice-circular", "gradient backends", "onnxcam/gradients/__init__.py",
       "raise OnnxcamError(neither_backend_message(missing, failure.reason)) from None",
       "raise OnnxcamError(str(failure)) from None", ("tests/test_auto_backend.py",), training=True),
+    # performance round two: the exact shortcuts of the gradient and maps graphs, the warm path
+    M("target-rows-take-the-logits-argmax-always", "maps graph", "onnxcam/maps_graph.py",
+      'target = b.op("Where", [given, b.op("ArgMax", [TARGET_WEIGHTS], axis=1, keepdims=0),',
+      'target = b.op("Where", [given, b.op("ArgMax", [logits], axis=1, keepdims=0),', MAPS),
+    M("target-columns-not-transposed", "maps graph", "onnxcam/maps_graph.py",
+      'b.op("Transpose", [b.op("Gather", [matrix, target], axis=1)], outputs=[node.output[0]], perm=[1, 0])',
+      'b.op("Gather", [matrix, target], outputs=[node.output[0]], axis=0)', MAPS),
+    M("pointwise-mean-takes-the-max", "maps graph", "onnxcam/maps_graph.py",
+      'pooled = self.reduce("ReduceMean", conv.input[0], _SPATIAL, 1)',
+      'pooled = self.reduce("ReduceMax", conv.input[0], _SPATIAL, 1)', MAPS),
+    M("pointwise-conv-accepts-any-kernel", "maps graph", "onnxcam/maps_graph.py",
+      "if kernel is None or list(kernel) != [1, 1]:", "if kernel is None:", MAPS + ("tests/test_explain_many.py",)),
+    M("interpolation-weights-swapped", "maps graph", "onnxcam/methods/interpolation.py",
+      "np.add.at(matrix, (rows, i0), np.float32(1) - t)", "np.add.at(matrix, (rows, i0), t)",
+      MAPS + ("tests/test_scorecam_graph.py",)),
+    M("gap-compact-gradient-not-averaged", "gradient rules", "onnxcam/gradients/rules/pooling.py",
+      'e._compact[full] = e.op("Mul", [gy[0], e.scalar(1.0 / float(np.prod(spatial)), x)])',
+      'e._compact[full] = gy[0]', ("tests/test_portable_rules.py", "tests/test_portable_torch.py") + MAPS),
+    M("ones-seed-shortcut-on-any-gradient", "gradient rules", "onnxcam/gradients/rules/elementwise.py",
+      "return other if e.is_ones(gy[0]) else", "return other if True else",
+      ("tests/test_portable_rules.py", "tests/test_portable_graphs.py")),
+    M("pruning-drops-needed-nodes", "gradient rules", "onnxcam/graph.py",
+      "        needed.update(i for i in node.input if i)\n", "",
+      ("tests/test_portable_rules.py", "tests/test_explainer.py")),
+    M("folded-pads-ignored", "shapes", "onnxcam/graph.py",
+      'SHAPE_INPUTS = {"Pad": (1, 3),', 'SHAPE_INPUTS = {"Pad": (),', ("tests/test_nodes.py",)),
+    M("cache-checksum-ignored", "cache", "onnxcam/cache.py",
+      "if _check_bytes(payload) != data[len(_MAGIC):_HEADER]:", "if False:", ("tests/test_cache.py",)),
+    M("warm-maps-parse-the-gradient-model", "cache", "onnxcam/maps_graph.py",
+      'if e.gradients.generic_backend() != "portable":',
+      'if e.gradients.build(x)[1].backend != "portable":', ("tests/test_explainer.py",)),
+    M("scorecam-matrices-half-pixel", "score-cam", "onnxcam/scorecam.py",
+      "rows = interpolation_matrix(map_size[0], input_size[0], align_corners=True)",
+      "rows = interpolation_matrix(map_size[0], input_size[0], align_corners=False)",
+      ("tests/test_scorecam_graph.py", "tests/test_scorecam.py")),
 ]
 
 
