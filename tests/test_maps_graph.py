@@ -168,6 +168,7 @@ def _conv_head(kernel: int):
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8        # what onnxruntime 1.17 (the minimum) and onnxruntime-training 1.19 read
     onnx.checker.check_model(model)
     return model
 
