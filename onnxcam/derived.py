@@ -3,8 +3,8 @@
 The node table (``nodes.list_candidates``: ONNX shape inference with data propagation, and a probe
 run on zeros where inference stops) and the scored output's declared shape (which needs that shape
 inference too) cost a large model half a second or more; neither depends on anything but the model
-bytes, the probe input shape and which output is scored. ``node_table`` reads them back from the cache next to the augmented models, so a warm
-``onnxcam explain`` runs neither shape inference nor the probe.
+bytes, the probe input shape and which output is scored. ``node_table`` reads them back from the cache
+next to the augmented models, so a warm ``onnxcam explain`` runs neither shape inference nor the probe.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from .derived import node_table
 from .errors import OnnxcamError, shape_text
 from .feeds import InputFeeds, run_in_pieces
 from .gradient_models import GradientModels
+from .graph import static_dims
 from .legrad import LeGradBlocks
 from .maps_graph import MAPS_ENGINES, GraphMaps
 from .methods import (ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIENTS, LayerInputs, Method,
@@ -180,8 +181,7 @@ class Explainer:
     @property
     def logits_static_shape(self) -> tuple | None:
         """The scored output's declared shape with every dim not a known positive int as None."""
-        shape = self.logits_declared_shape
-        return None if shape is None else tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+        return static_dims(self.logits_declared_shape)
 
     def _logits_shape(self, x: np.ndarray) -> tuple:
         """Canonical shape (N, K, *positions) of the scored output for batch ``x``: static when the

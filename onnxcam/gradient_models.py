@@ -27,7 +27,7 @@ class GradientModels:
         self._bytes: dict[int, bytes] = {}     # serialized models not yet in a session
         self.generic_failure: OnnxcamError | None = None
         self.last_used: AugmentedModel | None = None
-        self._generic_backend: str | None = None
+        self._facts: dict | None = None     # the cached record of the generic model (generic_backend)
 
     def generic_backend(self) -> str | None:
         """The backend of the generic gradient model, None when it cannot be built. Kept in the cache
@@ -37,16 +37,15 @@ class GradientModels:
             return self._models[None].backend
         if self.generic_failure is not None:
             return None
-        if self._generic_backend is None:
+        if self._facts is None:
             def facts() -> dict:
                 try:
                     return {"backend": self._models[None].backend if self._generic() else None}
                 except OnnxcamError:
                     return {"backend": None}
-            record = cached_json(self._parts(None, "gradient_facts"), self.e._digest, facts) \
+            self._facts = cached_json(self._parts(None, "gradient_facts"), self.e._digest, facts) \
                 if self.e.cache and self.e._digest is not None else facts()
-            self._generic_backend = record.get("backend") or ""
-        return self._generic_backend or None
+        return self._facts.get("backend")
 
     def _generic(self) -> bool:
         """Build the generic model if not tried yet; True when it exists."""
@@ -82,7 +81,7 @@ class GradientModels:
     @property
     def backend_used(self) -> str | None:
         used = self.last_used or self._models.get(None)   # in-graph maps run the generic one
-        return used.backend if used else self._generic_backend or None
+        return used.backend if used else (self._facts or {}).get("backend")
 
     def _specialisation_feeds(self, x: np.ndarray | None) -> dict | None:
         e = self.e

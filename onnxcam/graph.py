@@ -100,6 +100,11 @@ SHAPE_INPUTS = {"Pad": (1, 3), "Reshape": (1,), "Expand": (1,), "Tile": (1,), "S
                                        "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")}}
 
 
+def static_dims(dims) -> tuple | None:
+    """``dims`` (ints, symbols, None) with every dim that is not a known positive int as None."""
+    return None if dims is None else tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
+
+
 def _without_weight_data(model: onnx.ModelProto, folded: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A light copy for shape inference: large initializers without their data, and the ``folded``
     constant values of computed shape inputs as initializers."""
@@ -203,8 +208,7 @@ class GraphView:
 
     def static_shape(self, name: str) -> tuple | None:
         """The shape with every dim that is not a known positive int as None."""
-        dims = self.shape(name)
-        return None if dims is None else tuple(d if isinstance(d, int) and d > 0 else None for d in dims)
+        return static_dims(self.shape(name))
 
     def rank(self, name: str) -> int | None:
         dims = self.shape(name)

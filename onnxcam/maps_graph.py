@@ -13,7 +13,8 @@ When the model fixes its input's spatial size and the node's is known, the bilin
 MatMuls with constant interpolation matrices (rows, then columns: the same two-tap weights, ~20x less
 work than ONNX Resize at 7x7 -> 224x224); otherwise the resize target is read from the input's own shape
 (Shape → Gather → Resize), so one model serves every input size. The ReLUs of the reference that act
-on maps already non-negative (a ReLU's output, a resize of one) are left out: they change nothing. The session then returns only the logits, the final maps (N, H, W) and the small layer maps; on
+on maps already non-negative (a ReLU's output, a resize of one) are left out: they change nothing.
+The session then returns only the logits, the final maps (N, H, W) and the small layer maps; on
 CUDA (``runtime.Runner`` binds outputs through IO binding) nothing else crosses to the host.
 
 Supported where this is exact: the five gradient methods, 2D spatial nodes whose layout (channels

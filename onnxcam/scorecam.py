@@ -4,9 +4,9 @@
 one model takes a sample ``onnxcam_x`` (batch 1, the model's layout) and a chunk of channel maps
 ``onnxcam_maps`` (B, *s) and, in the graph, upsamples each map to the input's spatial size (linear,
 corners aligned: for 2D maps two MatMuls with the interpolation matrices ``onnxcam_rows`` (H, h) and
-``onnxcam_columns`` (w, W) the scorer feeds, several times faster than Resize; else Resize), normalises it to ``(M - min) / (max - min + 1e-8)``, multiplies the input by it
-and runs the original graph on the B masked inputs, returning the logits (B, K). Only the small maps go
-in and the logits come out, so on CUDA the masked batch never crosses to the host; memory is bounded by
+``onnxcam_columns`` (w, W) the scorer feeds, several times faster than Resize; else Resize), normalises
+it to ``(M - min) / (max - min + 1e-8)``, multiplies the input by it and runs the original graph on the
+B masked inputs, returning the logits (B, K). Only the small maps go in and the logits come out, so on CUDA the masked batch never crosses to the host; memory is bounded by
 B. Exactly repeated channel maps give the same masked input, so each distinct map is scored once.
 
 Where the graph cannot do it (opset < 11, or a map output whose target is a plane of positions), the

@@ -165,7 +165,8 @@ def _conv_head(kernel: int):
              helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
              helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
+    graph = helper.make_graph(nodes, "head",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8        # what onnxruntime 1.17 (the minimum) and onnxruntime-training 1.19 read

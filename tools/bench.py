@@ -2,8 +2,8 @@
 
 Each method runs in its own subprocess (same thread count everywhere) holding onnxcam, pytorch-grad-cam
 and a plain ORT forward session of the same model. Every timed call is the second of two in a row (the
-first untimed), so no tool is charged for the cache misses of the tool timed just before it. Peak memory is each tool's rise of the process's
-resident high-water mark (reset between tools) over its first run, its set-up excluded, so it counts
+first untimed), so no tool is charged for the cache misses of the tool timed just before it. Peak
+memory is each tool's rise of the process's resident high-water mark (reset between tools) over its first run, its set-up excluded, so it counts
 what running costs (ORT arenas, masked batches). Times: the tools and the plain forward take turns for
 ``--repeats`` rounds after a warm-up, so all see the same machine load; the table gives the best
 round (the median is in --json), batch-32 times per image.

@@ -66,7 +66,10 @@ class Emitter(GraphBuilder):
         """``small`` (same rank) broadcast to the shape of forward tensor ``like``, remembered: a rule
         that multiplies the result by a tensor of that full shape broadcasts ``small`` instead
         (``compact``), and the Expand, then unused, is pruned. Same values, one full-size pass less."""
-        full = self.op("Expand", [small, self.shape_of(like)])
+        return self.broadcasts(self.op("Expand", [small, self.shape_of(like)]), small)
+
+    def broadcasts(self, full: str, small: str) -> str:
+        """Record that emitted ``full`` holds ``small`` (same rank) broadcast to full size; return ``full``."""
         self._compact[full] = small
         return full
 

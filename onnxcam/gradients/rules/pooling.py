@@ -120,9 +120,8 @@ def global_average_pool(e: Emitter, node, gy, need):
     if all(isinstance(d, int) for d in spatial):
         # static spatial size: one broadcast Mul by a constant 1/(H*W) plane, no Shape/Expand at run time
         plane = np.full([1, 1, *spatial], 1.0 / float(np.prod(spatial)), dtype=e.np_dtype(x))
-        full = e.op("Mul", [gy[0], e.const(plane)])
-        e._compact[full] = e.op("Mul", [gy[0], e.scalar(1.0 / float(np.prod(spatial)), x)])  # same values
-        return [full]
+        return [e.broadcasts(e.op("Mul", [gy[0], e.const(plane)]),       # same values, one per channel:
+                             e.op("Mul", [gy[0], e.scalar(1.0 / float(np.prod(spatial)), x)]))]
     share = e.op("Div", [gy[0], _spatial_count(e, x, range(2, e.rank(x)))])
     return [e.expand_to(share, x)]
 
