@@ -147,9 +147,13 @@ def _label(path: Path | None) -> str:
 def _read_proto(path: Path) -> tuple[onnx.ModelProto, bytes | None]:
     """The model, and the sha256 of the file's bytes when they hold all of it (no external data): the
     cache keys start from that digest, which saves serializing the model again to hash it."""
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:     # a folder on the way that this user may not enter: stat itself fails
+        raise OnnxcamError(f"cannot read model file {path}: {exc.strerror or exc}; check its permissions") from None
+    if not exists:
         raise OnnxcamError(f"model file {path} does not exist; check the path")
-    if path.is_dir():
+    if is_dir:
         raise OnnxcamError(f"{path} is a directory, not an ONNX model file")
     try:
         data = path.read_bytes()

@@ -118,3 +118,32 @@ main(["explain", {str(ROOT / 'models' / 'shapes_cnn.onnx')!r}, {str(secret)!r}, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert "Permission denied" in lines[0] and lines[0].startswith("error: ")
+
+
+def test_model_behind_a_folder_this_user_cannot_enter_is_one_line(tmp_path):
+    """stat() itself fails there (a clone inside `mktemp -d`, mode 0700, seen by another user)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    model = locked / "m.onnx"
+    model.write_bytes(b"x")
+    out = Path("/tmp") / f"onnxcam-locked-{os.getpid()}"
+    out.mkdir(exist_ok=True)
+    os.chmod(out, 0o777)
+    os.chmod(locked, 0o700)
+    os.chmod(tmp_path, 0o755)
+    code = f"""
+import os, sys
+import onnxcam, onnxcam.files, onnxcam.explainer, onnxcam.methods, onnxruntime, cv2  # before dropping rights
+from onnxcam.cli import main
+os.setgid(65534); os.setuid(65534)
+main(["explain", {str(model)!r}, "nothing.png", "--out", {str(out)!r}, "--no-cache"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if "ModuleNotFoundError" in proc.stderr or "PermissionError" in proc.stderr and "onnxcam" not in proc.stderr:
+        pytest.skip("the other user cannot import the test environment")
+    if "setuid" in proc.stderr or "Operation not permitted" in proc.stderr:
+        pytest.skip("this user cannot drop to another one")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot read model file") and "Permission denied" in lines[0]
