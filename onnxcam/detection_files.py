@@ -100,3 +100,13 @@ class DetectionFileExplainer(FileExplainer):
         if method == "eigencam":
             values["score"] = float("nan")
         return DetectionResult(**values, detection=None if found is None else found.summary(self._scales[i]))
+
+
+def file_runner(explainer, preprocessing, out_dir, methods, detection: dict | None = None,
+                **file_options) -> FileExplainer:
+    """The single-process writer both engines use: ``DetectionFileExplainer`` with the ``detection``
+    options (fmt, detection_index, box, confidence, iou_threshold) for a detector, else ``FileExplainer``."""
+    if detection is None:
+        return FileExplainer(explainer, preprocessing, out_dir, methods, **file_options)
+    return DetectionFileExplainer(explainer, preprocessing, out_dir, methods, **detection, **file_options)
+

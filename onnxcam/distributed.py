@@ -30,6 +30,7 @@ import onnx
 
 from .errors import OnnxcamError
 from .explainer import Explainer
+from .detection_files import file_runner
 from .files import FileExplainer, InputItem, load_input
 from .image_header import DEFAULT_MAX_PIXELS
 from .model import load_model
@@ -42,6 +43,11 @@ FORMATS = ("png", "parquet")
 DECODE_CPUS = 0.25
 SUMMARY_FIELDS = ("input", "method", "rank", "class", "class_name", "score", "nodes", "seconds", "outputs",
                   "notice")
+DETECTION_FIELD = "detection"           # detectors' summaries add the explained prediction and its box
+
+
+def summary_fields(detection: bool) -> tuple[str, ...]:
+    return SUMMARY_FIELDS + (DETECTION_FIELD,) if detection else SUMMARY_FIELDS
 
 
 def require_ray():
@@ -113,8 +119,9 @@ def _rows(result, with_map: bool) -> dict:
     return row
 
 
-def _failure(path: str, message: str | None, with_map: bool, skipped: bool = False) -> dict:
-    row = {key: None for key in SUMMARY_FIELDS}
+def _failure(path: str, message: str | None, with_map: bool, skipped: bool = False,
+             detection: bool = False) -> dict:
+    row = {key: None for key in summary_fields(detection)}
     row.update(input=path, nodes=[], outputs=[], error=message, skipped=skipped)
     if with_map:
         row.update(map=[], map_shape=[])
@@ -126,14 +133,15 @@ class _ExplainWorker:
     single-process writer, built once and reused for every batch it is given."""
 
     def __init__(self, model, nodes, explainer_options, preprocessing, out_dir, methods, file_options,
-                 threads, write_files, protected, names=None, skip_done=False):
+                 threads, write_files, protected, names=None, skip_done=False, detection=None):
         import ray
         model, protected, names = (ray.get(v) if isinstance(v, ray.ObjectRef) else v
                                    for v in (model, protected, names))
         proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
         explainer = Explainer(proto, nodes, threads=threads, **explainer_options)
-        self.runner = FileExplainer(explainer, preprocessing, out_dir, methods, write_files=write_files,
-                                    **file_options)
+        self.runner = file_runner(explainer, preprocessing, out_dir, methods, detection,
+                                  write_files=write_files, **file_options)
+        self.detection = detection is not None
         if names is not None:               # the run's inputs as given: outputs named as in one process
             self.runner.name_outputs([Path(n) for n in names])
         self.protected = protected
@@ -146,10 +154,10 @@ class _ExplainWorker:
         for given, x, rgb, error in zip(batch["input"], batch["x"], batch["rgb"], batch["error"]):
             given = Path(str(given))        # names the outputs and the results; read as path already
             if error:
-                rows.append(_failure(str(given), str(error), self.with_map))
+                rows.append(_failure(str(given), str(error), self.with_map, detection=self.detection))
             elif self.skip_done and not self.runner.overwrite and all(
                     o.exists() for o in self.runner.expected_outputs(given)):
-                rows.append(_failure(str(given), None, self.with_map, skipped=True))
+                rows.append(_failure(str(given), None, self.with_map, skipped=True, detection=self.detection))
             else:
                 items.append(InputItem(given, _unpack(x), _unpack(rgb)))
         groups: dict[tuple, list[InputItem]] = {}
@@ -157,24 +165,28 @@ class _ExplainWorker:
             groups.setdefault(item.x.shape, []).append(item)
         for group in groups.values():
             rows.extend(self._explain(group))
-        return pa.Table.from_pylist(rows, schema=_schema(self.with_map))
+        return pa.Table.from_pylist(rows, schema=_schema(self.with_map, self.detection))
 
     def _explain(self, items: list[InputItem]) -> list[dict]:
         try:
             return [_rows(r, self.with_map) for r in self.runner.explain_items(items, self.protected)]
         except OnnxcamError as exc:
             if len(items) == 1:
-                return [_failure(str(items[0].path), str(exc), self.with_map)]
+                return [_failure(str(items[0].path), str(exc), self.with_map, detection=self.detection)]
         # one bad input must not fail the batch: explain each alone to find which one it was
         return [row for item in items for row in self._explain([item])]
 
 
-def _schema(with_map: bool):
+def _schema(with_map: bool, detection: bool = False):
     import pyarrow as pa
     fields = [("input", pa.string()), ("method", pa.string()), ("rank", pa.int32()), ("class", pa.int64()),
               ("class_name", pa.string()), ("score", pa.float64()), ("nodes", pa.list_(pa.string())),
               ("seconds", pa.float64()), ("outputs", pa.list_(pa.string())), ("error", pa.string()),
               ("skipped", pa.bool_()), ("notice", pa.string())]
+    if detection:       # as detection.Detection.summary writes it; null for EigenCAM (no prediction)
+        fields.append((DETECTION_FIELD, pa.struct([("prediction", pa.int64()), ("class", pa.int64()),
+                                                   ("confidence", pa.float64()),
+                                                   ("box", pa.list_(pa.float64()))])))
     if with_map:
         fields += [("map", pa.list_(pa.float32())), ("map_shape", pa.list_(pa.int32()))]
     return pa.schema(fields)
@@ -212,7 +224,8 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), methods=("gradcam",),
                     preprocessing: Preprocessing | None = None, explainer_options: dict | None = None,
                     workers: int | None = None, worker_threads: int = 1, fmt: str = "png",
-                    address: str | None = None, on_result=None, **file_options) -> DatasetRun:
+                    address: str | None = None, on_result=None, detection: dict | None = None,
+                    **file_options) -> DatasetRun:
     """Explain many inputs on a Ray cluster; outputs as ``files.FileExplainer`` writes them.
 
     ``inputs``: file paths, or a ``ray.data.Dataset`` with a ``path`` column (names the outputs) and
@@ -222,7 +235,9 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
     FileExplainer's (target, top_k, alpha, save_npy, batch_size, overwrite, max_channels, target_mask,
     class_names, max_pixels); ``explainer_options`` are Explainer's (provider, grad_backend, layout,
     probabilities, input_shape, cache, input, feeds, output, class_axis). ``on_result(summary)`` is
-    called for each result as it arrives. A Dataset's ``path`` stems name its outputs, so they must be
+    called for each result as it arrives. ``detection``: explain a detector as ``onnxcam explain`` does,
+    with ``DetectionFileExplainer``'s options (fmt, detection_index, box, confidence, iou_threshold); each
+    summary then names the explained prediction and its box. A Dataset's ``path`` stems name its outputs, so they must be
     unique; file paths are named as the single-process run names them.
     """
     if fmt not in FORMATS:
@@ -240,7 +255,8 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
     for method in methods:
         explainer.check_method(method)
     parquet = fmt == "parquet"
-    runner = FileExplainer(explainer, preprocessing, out_dir, methods, write_files=not parquet, **file_options)
+    runner = file_runner(explainer, preprocessing, out_dir, methods, detection, write_files=not parquet,
+                         **file_options)
     if parquet and runner.overwrite:
         raise OnnxcamError("--overwrite cannot rewrite a Parquet dataset in place; pass a new --out folder")
     run = DatasetRun(backend=explainer.gradient_backend_used, parquet=runner.out_dir if parquet else None)
@@ -264,9 +280,9 @@ def explain_dataset(model, inputs, out_dir="onnxcam_out", *, nodes=("auto",), me
                                    methods=methods, file_options=file_options, threads=worker_threads,
                                    write_files=not parquet, protected=ray.put(protected),
                                    names=None if user_rows else ray.put([str(p) for p in inputs]),
-                                   skip_done=user_rows and not parquet))
+                                   skip_done=user_rows and not parquet, detection=detection))
     try:
-        _collect(explained, runner.out_dir, parquet, run, on_result)
+        _collect(explained, runner.out_dir, parquet, run, on_result, summary_fields(detection is not None))
     except (OnnxcamError, KeyboardInterrupt):
         raise
     except Exception as exc:        # Ray wraps a worker's error in its own exceptions: one line instead
@@ -291,7 +307,8 @@ def _reason(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def _collect(explained, out_dir: Path, parquet: bool, run: DatasetRun, on_result) -> None:
+def _collect(explained, out_dir: Path, parquet: bool, run: DatasetRun, on_result,
+             fields: tuple[str, ...] = SUMMARY_FIELDS) -> None:
     """Run the pipeline and gather its summaries (streamed back, or read after the Parquet write);
     output paths are reported under ``out_dir`` as given, as the single-process run does."""
     absolute = out_dir.resolve()
@@ -314,7 +331,7 @@ def _collect(explained, out_dir: Path, parquet: bool, run: DatasetRun, on_result
         if row["error"]:
             run.failed.append({"input": row["input"], "error": row["error"]})
             continue
-        summary = {key: row[key] for key in SUMMARY_FIELDS}
+        summary = {key: row[key] for key in fields}
         summary["nodes"] = list(summary["nodes"])
         summary["outputs"] = [str(out_dir / Path(o).relative_to(absolute)) for o in summary["outputs"]]
         run.results.append(summary)

@@ -26,13 +26,14 @@ from click.testing import CliRunner  # noqa: E402
 import shapes_data  # noqa: E402
 from onnxcam import Explainer  # noqa: E402
 from onnxcam.cli import main  # noqa: E402
+from onnxcam.detection_files import file_runner  # noqa: E402
 from onnxcam.distributed import explain_dataset  # noqa: E402
-from onnxcam.files import FileExplainer  # noqa: E402
 from onnxcam.model import load_model  # noqa: E402
 from onnxcam.preprocess import Preprocessing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "models" / "shapes_cnn.onnx"
+YOLO = ROOT / "models" / "shapes_yolo.onnx"          # a YOLOv8-style detector: (N, 4+5, 80) raw head
 # measured: the two engines' maps agree exactly (0.0) on both models; the bound leaves room for an
 # ONNX Runtime that picks another kernel for another batch composition
 MAP_TOL = 1e-6
@@ -68,9 +69,10 @@ def _options(model):
     return loaded, pre, dict(layout=pre.layout, input_shape=pre.probe_shape(loaded.input.shape))
 
 
-def _single_process(model, paths, out, methods, **file_options):
+def _single_process(model, paths, out, methods, detection=None, **file_options):
     loaded, pre, explainer_options = _options(model)
-    runner = FileExplainer(Explainer(loaded, ["auto"], **explainer_options), pre, out, methods, **file_options)
+    runner = file_runner(Explainer(loaded, ["auto"], **explainer_options), pre, out, methods, detection,
+                         **file_options)
     return [r.summary() for r in runner.run(paths)]
 
 
@@ -261,3 +263,49 @@ def test_cli_without_ray_names_the_extra(tmp_path, shapes_inputs):
     assert done.stderr.strip().splitlines() == [
         "error: --engine ray needs Ray Data, which is not installed; pip install 'onnxcam[ray]'"]
     assert not list(tmp_path.iterdir())
+
+
+DETECTION = dict(fmt="auto", detection_index=None, box=None, confidence=0.25, iou_threshold=0.45)
+
+
+def test_detector_same_as_single_process(local_ray, shapes_inputs, tmp_path):
+    """A detector explains the prediction NMS picks, with its box in the summary and drawn on the
+    overlay, in both engines alike (before, the Ray engine scored every anchor's class planes and
+    reported no box); EigenCAM's rows name the prediction the other method explained, whose box its
+    overlay shows."""
+    paths = shapes_inputs[:6]
+    methods = ["gradcam", "eigencam"]
+    reference = _single_process(YOLO, paths, tmp_path / "one", methods, DETECTION, save_npy=True)
+    run = _ray(YOLO, paths, tmp_path / "ray", methods, save_npy=True, workers=2, batch_size=4,
+               detection=DETECTION)
+    _same_outputs(reference, run, tmp_path / "one", tmp_path / "ray")
+    found = [s["detection"] for s in run.results if s["method"] == "gradcam"]
+    assert len(found) == 6 and all(len(d["box"]) == 4 for d in found)
+    by_input = {s["input"]: s["detection"] for s in run.results if s["method"] == "gradcam"}
+    assert all(s["detection"] == by_input[s["input"]] for s in run.results if s["method"] == "eigencam")
+
+
+def test_detector_parquet_rows_hold_the_box(local_ray, shapes_inputs, tmp_path):
+    import pyarrow.parquet as pq
+
+    paths = shapes_inputs[:4]
+    picked = dict(DETECTION, detection_index=1)
+    reference = {s["input"]: s for s in _single_process(YOLO, paths, tmp_path / "one", ["gradcam"], picked)}
+    run = _ray(YOLO, paths, tmp_path / "pq", ["gradcam"], fmt="parquet", workers=1, detection=picked)
+    assert len(run.results) == 4
+    for row in pq.read_table(tmp_path / "pq").to_pylist():
+        assert row["detection"] == reference[row["input"]]["detection"]
+        assert (row["class"], row["score"]) == (reference[row["input"]]["class"], reference[row["input"]]["score"])
+
+
+def test_cli_detection_flags_reach_the_ray_engine(local_ray, shapes_inputs, tmp_path):
+    paths = [str(p) for p in shapes_inputs[:3]]
+    common = ["explain", str(YOLO), *paths, "--detection", "1", "--json", "--method", "gradcam,eigencam"]
+    local = CliRunner().invoke(main, common + ["--out", str(tmp_path / "one")])
+    distributed = CliRunner().invoke(main, common + ["--out", str(tmp_path / "ray"), "--engine", "ray",
+                                                     "--workers", "1"])
+    assert local.exit_code == 0 and distributed.exit_code == 0, (local.output, distributed.output)
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "outputs")}  # noqa: E731
+    ours, theirs = (json.loads(r.stdout)["results"] for r in (distributed, local))
+    assert [strip(s) for s in ours] == [strip(s) for s in theirs]
+    assert all(s["detection"]["prediction"] >= 0 for s in ours if s["method"] == "gradcam")

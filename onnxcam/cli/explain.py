@@ -92,7 +92,8 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     if profile:
         PROFILE.start(IMPORT_START)
     from ..explainer import Explainer
-    from ..files import FileExplainer, collect_inputs
+    from ..detection_files import file_runner
+    from ..files import collect_inputs
     from ..methods import get_method
     from ..model import load_model
     from ..tokens import parse_grid
@@ -151,21 +152,18 @@ def explain(model, inputs, node_specs, method, target, top_k, out_dir, npy, as_j
     file_options = dict(target=_target(target, class_names), target_mask=mask, class_names=class_names,
                         top_k=top_k, alpha=alpha, save_npy=npy, batch_size=batch_size,
                         overwrite=overwrite, max_channels=max_channels, max_pixels=max_pixels or None)
+    detection = (dict(fmt=detection_format or "auto", detection_index=detection_index, box=_box(box),
+                      confidence=confidence, iou_threshold=iou_threshold)
+                 if _detector(explainer, detection_format, detection_index, box, mask) else None)
     if engine == "ray":
         return _explain_on_ray(model, loaded, paths, out_dir, list(node_specs) or ["auto"], methods,
                                preprocessing, explainer_options, file_options, as_json, top_k, notices,
-                               ray_address, workers, worker_threads, fmt)
+                               ray_address, workers, worker_threads, fmt, detection)
     file_options.update(progress=_progress_printer("score-cam", "masked inputs"),
                         batch_progress=_progress_printer("explained", "inputs", minimum=2 * batch_size),
                         fail_fast=fail_fast,
                         on_failure=lambda path, message: click.echo(f"error: {message}", err=True))
-    if _detector(explainer, detection_format, detection_index, box, mask):
-        from ..detection_files import DetectionFileExplainer
-        runner = DetectionFileExplainer(explainer, preprocessing, out_dir, methods, fmt=detection_format or "auto",
-                                        detection_index=detection_index, box=_box(box), confidence=confidence,
-                                        iou_threshold=iou_threshold, **file_options)
-    else:
-        runner = FileExplainer(explainer, preprocessing, out_dir, methods, **file_options)
+    runner = file_runner(explainer, preprocessing, out_dir, methods, detection, **file_options)
     summaries = []
     for result in runner.run(paths):
         summaries.append(result.summary())
@@ -201,7 +199,7 @@ def _result_line(summary: dict, top_k) -> str:
 
 
 def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing, explainer_options,
-                    file_options, as_json, top_k, notices, address, workers, worker_threads, fmt):
+                    file_options, as_json, top_k, notices, address, workers, worker_threads, fmt, detection):
     """--engine ray: the same outputs, summary and failure report from a pool of Ray actors
     (onnxcam.distributed)."""
     from ..distributed import explain_dataset
@@ -214,7 +212,7 @@ def _explain_on_ray(model, loaded, paths, out_dir, nodes, methods, preprocessing
 
     run = explain_dataset(loaded, paths, out_dir, nodes=nodes, methods=methods, preprocessing=preprocessing,
                           explainer_options=explainer_options, workers=workers, worker_threads=worker_threads,
-                          fmt=fmt, address=address, on_result=shown, **file_options)
+                          fmt=fmt, address=address, on_result=shown, detection=detection, **file_options)
     for failure in run.failed:
         click.echo(f"error: {failure['error']}", err=True)
     if run.skipped and not as_json:
