@@ -469,3 +469,56 @@ def test_batch_first_sequence_output_of_an_image_model(tmp_path, method):
 
     expected = torch_oracle.reference_maps(method, Summed(), net.features, x, [3, 0])
     np.testing.assert_allclose(result.maps, expected, atol=TOLERANCE)
+
+
+def test_export_augmented_of_a_two_input_two_output_model(tmp_path):
+    """--input, --feed, --output and --class-axis reach export-augmented as they reach explain: the
+    written model keeps the other input as an input, scores the output asked for, and its gradient is
+    torch's d logit / d activation for the values fed at run time."""
+    import onnxruntime as ort
+
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(6)
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+            self.head_a, self.head_b = torch.nn.Linear(8, 5), torch.nn.Linear(8, 3)
+
+        def forward(self, image, gain):
+            pooled = (self.features(image) * gain[:, :, None, None]).mean((2, 3))
+            return self.head_a(pooled), self.head_b(pooled)
+
+    net = TwoInTwoOut().eval()
+    path = export(net, [torch.zeros(1, 3, 16, 16), torch.ones(1, 8)], tmp_path / "m.onnx", ["image", "gain"],
+                  ["a", "b"], {"image": {0: "batch"}, "gain": {0: "batch"}, "a": {0: "batch"}, "b": {0: "batch"}})
+    np.save(tmp_path / "gain.npy", np.ones((1, 8), np.float32))
+    out = tmp_path / "augmented.onnx"
+    invoke = lambda *args: CliRunner().invoke(main, ["export-augmented", str(path), *map(str, args)])  # noqa: E731
+    result = invoke("--node", "features", "--input", "image", "--feed", f"gain={tmp_path / 'gain.npy'}",
+                    "--output", "b", "--class-axis", "1", "-o", out)
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", "gain", "onnxcam_target_weights"]
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    gain = rng.uniform(0.5, 2.0, size=(2, 8)).astype(np.float32)
+    logits, activations, gradients = session.run(None, {"image": x, "gain": gain,
+                                                        "onnxcam_target_weights": np.zeros((2, 3), np.float32)})
+    a = net.features(torch.from_numpy(x))
+    a.retain_grad()
+    pooled = (a * torch.from_numpy(gain)[:, :, None, None]).mean((2, 3))
+    scores = net.head_b(pooled)
+    scores.gather(1, scores.argmax(1, keepdim=True)).sum().backward()
+    np.testing.assert_allclose(logits, scores.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(activations, a.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(gradients, a.grad.numpy(), atol=1e-6)
+    missing = invoke("--node", "features", "-o", tmp_path / "m2.onnx")
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: the model also takes gain")
+    assert not (tmp_path / "m2.onnx").exists()
+    old_flag = invoke("--feed", f"gain={tmp_path / 'gain.npy'}", "--output", tmp_path / "m3.onnx")
+    assert old_flag.exit_code == 1 and old_flag.stderr == (
+        f"error: --output names the output to score (one of a, b); write the model with -o/--out "
+        f"{tmp_path / 'm3.onnx'}\n")
+    assert not (tmp_path / "m3.onnx").exists()
+    no_out = invoke("--feed", f"gain={tmp_path / 'gain.npy'}")
+    assert no_out.exit_code == 1 and no_out.stderr == "error: give the file to write the augmented model to with -o/--out FILE.onnx\n"

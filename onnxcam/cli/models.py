@@ -8,7 +8,7 @@ import click
 from ..errors import OnnxcamError
 from ..gradients import BACKENDS
 from .app import main
-from .options import _prefix, _preprocessing, _size, token_options
+from .options import _explainer_options, _prefix, _preprocessing, _size, scored_model_options, token_options
 
 
 @main.command()
@@ -48,35 +48,49 @@ def nodes(model, size, as_json, tokens_grid, prefix_tokens):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--node", "node_specs", multiple=True, help="Node(s) to expose with their gradients "
                                                           "(same forms as for explain; default auto).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("-o", "--out", "destination", type=click.Path(dir_okay=False),
+              help="Where to write the augmented model (required).")
 @click.option("--grad-backend", type=click.Choice(BACKENDS), default="portable", show_default=True,
               help="portable runs on any ONNX Runtime build; ort-training needs a training build.")
-@click.option("--size", help="Input HEIGHT,WIDTH for models with symbolic spatial axes.")
+@click.option("--size", help="Input HEIGHT,WIDTH (L or D,H,W for signals and volumes) for models with "
+                             "symbolic spatial axes.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+              help="Input layout (default: model metadata or detected from the input shape).")
 @click.option("--probabilities", is_flag=True, help="Score the Softmax output instead of the logits.")
-def export_augmented(model, node_specs, output, grad_backend, size, probabilities):
-    """Write the augmented model: inputs = the model's inputs + onnxcam_target_weights (N x K, zero rows =
-    arg-max class); outputs = logits, activations, d score / d activations."""
+@scored_model_options
+def export_augmented(model, node_specs, destination, grad_backend, size, layout, probabilities, input_name,
+                     feed_specs, output_name, class_axis):
+    """Write the augmented model: inputs = the model's inputs + onnxcam_target_weights (the scored
+    output's shape, zero rows = arg-max class); outputs = the scored output, activations,
+    d score / d activations. --feed values serve only the build's probe run; the written model keeps
+    those inputs as inputs."""
     from pathlib import Path
 
     from ..explainer import Explainer
     from ..model import load_model
     from ..outputs import write_bytes_atomic
 
-    loaded = load_model(model)
-    if loaded.path is not None and Path(output).resolve() == loaded.path.resolve():
+    loaded = load_model(model, input=input_name)
+    outputs = [o.name for o in loaded.proto.graph.output]
+    if output_name is not None and output_name not in outputs and output_name.lower().endswith(".onnx"):
+        raise OnnxcamError(f"--output names the output to score (one of {', '.join(outputs)}); write the "
+                           f"model with -o/--out {output_name}")
+    if destination is None:
+        raise OnnxcamError("give the file to write the augmented model to with -o/--out FILE.onnx")
+    if loaded.path is not None and Path(destination).resolve() == loaded.path.resolve():
         raise OnnxcamError(f"refusing to overwrite the input model {model}; choose another -o path")
-    preprocessing = _preprocessing(loaded, _size(size), None, None, None, None, False)
-    explainer = Explainer(loaded, list(node_specs) or ["auto"], grad_backend=grad_backend,
-                          layout=preprocessing.explainer_layout(loaded.input.rank),
-                          probabilities=probabilities,
-                          input_shape=preprocessing.probe_shape(loaded.input.shape))
+    preprocessing = _preprocessing(loaded, _size(size) if loaded.input.rank in (None, 4) else None,
+                                   None, None, None, layout, False)
+    options = _explainer_options(loaded, preprocessing, size, layout, "auto", grad_backend, probabilities,
+                                 False, feed_specs, output_name, class_axis)
+    explainer = Explainer(loaded, list(node_specs) or ["auto"], **options)
     augmented = explainer.augmented_gradient_model()
     data = augmented.proto.SerializeToString()
     if len(data) >= 2 ** 31:
         raise OnnxcamError("the augmented model is over 2 GB, which a single ONNX file cannot hold")
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(output, data, {loaded.path.resolve()} if loaded.path else set())
-    click.echo(f"wrote {output} ({augmented.backend} gradients): inputs "
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(destination, data, {loaded.path.resolve()} if loaded.path else set())
+    click.echo(f"wrote {destination} ({augmented.backend} gradients): inputs "
                f"{', '.join(i.name for i in augmented.proto.graph.input if i.name not in _initializers(augmented.proto))}; "
                f"outputs {', '.join(augmented.output_names)}")
 

@@ -193,8 +193,9 @@ def applicable_methods(explainer, with_reasons: bool = False):
     return (chosen, skipped) if with_reasons else chosen
 
 
-def model_io_options(command):
-    """Add --input, --feed, --output, --class-axis and --preset to a click command."""
+def scored_model_options(command):
+    """Add --input, --feed, --output and --class-axis (which input and output of the model) to a click
+    command."""
     options = [
         click.option("--input", "input_name", metavar="NAME",
                      help="Multi-input models: the input to explain (default: the only float input with "
@@ -208,13 +209,18 @@ def model_io_options(command):
         click.option("--class-axis", type=int, metavar="AXIS",
                      help="The class axis of the scored output, counted in its own shape (default: "
                           "detected: 1 for N,K,H,W maps, the last axis for sequences N,T,K or T,N,K)."),
-        click.option("--preset", type=click.Choice(["imagenet", "tf", "caffe", "paddle", "raw", "unit"],
-                                                    case_sensitive=False),
-                     help="Preprocessing convention (see README): imagenet mean/std, tf [-1,1], caffe BGR "
-                          "mean-subtracted, paddle (x/255-0.5)/0.5, raw 0-255, unit 0-1. --mean/--std/"
-                          "--scale/--bgr given with it win."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def model_io_options(command):
+    """scored_model_options plus --preset (the preprocessing of the images fed)."""
+    preset = click.option("--preset", type=click.Choice(["imagenet", "tf", "caffe", "paddle", "raw", "unit"],
+                                                        case_sensitive=False),
+                          help="Preprocessing convention (see README): imagenet mean/std, tf [-1,1], caffe BGR "
+                               "mean-subtracted, paddle (x/255-0.5)/0.5, raw 0-255, unit 0-1. --mean/--std/"
+                               "--scale/--bgr given with it win.")
+    return scored_model_options(preset(command))
 
 
 def read_feeds(specs: tuple[str, ...]) -> dict:
