@@ -4,7 +4,7 @@ batches. ``explain()`` is the one-call shortcut.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,8 +12,8 @@ from . import layouts, tokens
 from .cache import model_digest
 from .classifier_head import find_classifier_weights
 from .derived import node_table
-from .errors import OnnxcamError, shape_text
-from .feeds import InputFeeds, run_in_pieces
+from .errors import OnnxcamError
+from .feeds import InputFeeds, checked_input, probe_shapes, run_in_pieces
 from .gradient_models import GradientModels
 from .graph import static_dims
 from .legrad import LeGradBlocks
@@ -23,7 +23,6 @@ from .methods import (ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIE
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, resolve_node
-from .preprocess import Preprocessing
 from .runtime import Runner
 from .scorecam import ScoreCam
 from .surgery import TARGET_WEIGHTS, AugmentedModel, build_forward_model, find_logits
@@ -74,8 +73,7 @@ class Explainer:
         self.cache = cache
         self.logits_name = find_logits(self.model.view, probabilities, output)
         self.input_layout = layouts.normalize_layout(layout) or layouts.input_layout(self.model.input.shape)
-        self._probe_shape = self._explained_probe_shape(input_shape)
-        self._probe = self._probe_shapes(input_shape)
+        self._probe_shape, self._probe = probe_shapes(self.model, self.feeds, self.input_layout, input_shape)
         # once: every cache key needs it (the file's own digest when load_model had the whole file)
         self._digest = (self.model.digest or model_digest(self.model.proto)) if cache else None
         # the node table and the scored output's declared shape: both cost shape inference, both cached
@@ -108,28 +106,6 @@ class Explainer:
                                    self._probe)
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _probe_shapes(self, input_shape: tuple | None) -> dict[str, tuple] | None:
-        others = {name: (1, *array.shape[1:]) for name, array in self.feeds.arrays.items()}
-        explained = self._explained_probe_shape(input_shape)
-        if explained is None:
-            return others or None
-        return {self.model.input.name: explained, **others}
-
-    def _explained_probe_shape(self, input_shape: tuple | None) -> tuple | None:
-        spec = self.model.input
-        if input_shape is not None:
-            return tuple(input_shape)
-        if spec.shape is None:
-            return None
-        dims = [1 if i == 0 else d for i, d in enumerate(spec.shape)]
-        if all(isinstance(d, int) and d > 0 for d in dims):
-            return tuple(dims)
-        if len(dims) != 4:
-            return None
-        layout = "NCHW" if self.input_layout == layouts.FIRST else "NHWC"
-        preprocessing = replace(Preprocessing.from_metadata(self.model.preprocess, spec.shape), layout=layout)
-        return preprocessing.probe_shape(spec.shape)
-
     @property
     def probe_shape(self) -> tuple | None:
         """A concrete input shape (batch 1) for this model, when one is known."""
@@ -242,25 +218,7 @@ class Explainer:
     # ---- running ------------------------------------------------------------------------------
     def check_input(self, x) -> np.ndarray:
         """A float32 batch of the model's rank whose static dims match the model input."""
-        x = np.asarray(x)
-        if x.dtype.kind not in "fiu":
-            raise OnnxcamError(f"input must be a numeric array, got dtype {x.dtype}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise OnnxcamError("input holds NaN or infinite values (or values beyond float32); "
-                               "replace them before explaining")
-        shape = self.model.input.shape
-        if shape is not None:
-            if x.ndim != len(shape):
-                raise OnnxcamError(f"input has shape {x.shape} but the model takes rank {len(shape)} "
-                                   f"{shape_text(shape)}; add the batch axis / fix the layout")
-            for axis, (got, want) in enumerate(zip(x.shape, shape)):
-                if axis > 0 and isinstance(want, int) and want > 0 and got != want:
-                    raise OnnxcamError(f"input has shape {x.shape} but the model takes "
-                                       f"{shape_text(shape)}; resize the input (--size) or fix --layout")
-        if x.shape[0] == 0:
-            raise OnnxcamError("the input batch is empty")
-        return x
+        return checked_input(x, self.model.input)
 
     def forward(self, x: np.ndarray, sample: int | None = None) -> list[np.ndarray]:
         """The scored output in canonical (N, K, *positions) order, then the activations of the chosen

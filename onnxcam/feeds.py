@@ -1,4 +1,5 @@
-"""Everything a run needs besides the explained batch, and runs in pieces of a model's fixed batch.
+"""What a run is fed: the explained batch (checked against the model's input), the other inputs, the
+probe shapes that measure the layers, and runs in pieces of a model's fixed batch.
 
 A model may take several inputs (a signal and its sampling mask, an image and its metadata): onnxcam
 explains one of them and feeds the others as given (``--feed NAME=FILE.npy``, API ``feeds={...}``),
@@ -15,8 +16,64 @@ from collections.abc import Callable
 import numpy as np
 from onnx import helper
 
+from . import layouts
 from .errors import OnnxcamError, shape_text
 from .model import LoadedModel, TensorSpec
+
+
+def checked_input(x, spec: TensorSpec) -> np.ndarray:
+    """``x`` as a contiguous float32 batch of the model's rank whose static dims match ``spec``; a
+    one-line error saying what to fix otherwise."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise OnnxcamError(f"input must be a numeric array, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise OnnxcamError("input holds NaN or infinite values (or values beyond float32); "
+                           "replace them before explaining")
+    shape = spec.shape
+    if shape is not None:
+        if x.ndim != len(shape):
+            raise OnnxcamError(f"input has shape {x.shape} but the model takes rank {len(shape)} "
+                               f"{shape_text(shape)}; add the batch axis / fix the layout")
+        for axis, (got, want) in enumerate(zip(x.shape, shape)):
+            if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+                raise OnnxcamError(f"input has shape {x.shape} but the model takes "
+                                   f"{shape_text(shape)}; resize the input (--size) or fix --layout")
+    if x.shape[0] == 0:
+        raise OnnxcamError("the input batch is empty")
+    return x
+
+
+def probe_shapes(model: LoadedModel, feeds: "InputFeeds", input_layout: str,
+                 input_shape: tuple | None) -> tuple[tuple | None, dict[str, tuple] | None]:
+    """(the explained input's batch-1 probe shape, the shapes of every input for the probe run that
+    measures the layers), or None where unknown: ``input_shape`` when given, else the model's static
+    shape, else (images) the size its preprocessing metadata names."""
+    explained = _explained_probe_shape(model, input_layout, input_shape)
+    others = {name: (1, *array.shape[1:]) for name, array in feeds.arrays.items()}
+    if explained is None:
+        return None, others or None
+    return explained, {model.input.name: explained, **others}
+
+
+def _explained_probe_shape(model: LoadedModel, input_layout: str, input_shape: tuple | None) -> tuple | None:
+    from dataclasses import replace
+
+    from .preprocess import Preprocessing
+    spec = model.input
+    if input_shape is not None:
+        return tuple(input_shape)
+    if spec.shape is None:
+        return None
+    dims = [1 if i == 0 else d for i, d in enumerate(spec.shape)]
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        return tuple(dims)
+    if len(dims) != 4:
+        return None
+    layout = "NCHW" if input_layout == layouts.FIRST else "NHWC"
+    preprocessing = replace(Preprocessing.from_metadata(model.preprocess, spec.shape), layout=layout)
+    return preprocessing.probe_shape(spec.shape)
 
 
 def _spec_text(spec: TensorSpec) -> str:
