@@ -61,3 +61,29 @@ def test_nested_phases_are_charged_once(monkeypatch):
             pass
     assert p.seconds == {"imports": 0.5, "session": 2.0, "run": 2.0}
     assert p.report() == "profile (s): imports 0.500 | session 2.000 | run 2.000 | other 2.000 | total 6.500"
+
+
+def test_console_entry_point_skips_teardown_but_keeps_outputs_and_exit_codes(tmp_path):
+    """``run`` ends the process with os._exit after the command: every file and every byte of stdout
+    is still there (a JSON summary of 12 inputs through a pipe), and the exit codes are the command's:
+    0, 1 for an OnnxcamError (one line), 2 for a usage error."""
+    images = []
+    for i in range(12):
+        images.append(tmp_path / f"photo{i}.png")
+        cv2.imwrite(str(images[-1]), np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    env = {"ONNXCAM_CACHE_DIR": str(tmp_path / "cache")}
+    ok = _run(["-m", "onnxcam.cli", "explain", str(SHAPES), *map(str, images), "--out", str(tmp_path / "out"),
+               "--json", "--npy", "--method", "gradcam,layercam"], env, tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout)
+    assert len(summary["results"]) == 24
+    for result in summary["results"]:
+        for output in result["outputs"]:
+            assert Path(output).stat().st_size > 0, output
+    assert all(cv2.imread(str(p)) is not None for p in (tmp_path / "out").glob("*.png"))
+    error = _run(["-m", "onnxcam.cli", "explain", str(tmp_path / "missing.onnx"), str(images[0])], env, tmp_path)
+    assert error.returncode == 1 and error.stderr.startswith("error: ") and len(error.stderr.splitlines()) == 1
+    usage = _run(["-m", "onnxcam.cli", "explain", "--no-such-flag"], env, tmp_path)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+    version = _run(["-m", "onnxcam.cli", "--version"], env, tmp_path)
+    assert version.returncode == 0 and "version" in version.stdout

@@ -6,6 +6,6 @@ module per command family; `options.py` holds what several commands share.
 from __future__ import annotations
 
 from . import compare, evaluate, explain, models  # noqa: F401  (registers the commands on ``main``)
-from .app import main
+from .app import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
