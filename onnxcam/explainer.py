@@ -103,7 +103,7 @@ class Explainer:
                 i, batch.x, batch.chosen, self.num_classes(batch.x))),
         }
         self.legrad = LeGradBlocks(self.model, self.nodes, self.candidates, grad_backend, provider, threads,
-                                   self._probe)
+                                   self._probe, self._digest)
 
     # ---- set-up -------------------------------------------------------------------------------
     @property

@@ -17,7 +17,8 @@ Everything is found from the graph:
   starts from the mean over tokens instead of the selection.
 
 Each block's gradient model is built once (the logits of the copy get the usual score head: the
-target class weights W) and kept in a session.
+target class weights W), cached on disk with the model's other derived models (a warm Explainer
+builds none: no probe run, no gradient surgery) and kept in a session.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .cache import cached_model_bytes
 from .errors import OnnxcamError
-from .gradients import build_gradient_model, gradient_name
+from .gradients import build_gradient_model, gradient_name, ort_training_available
 from .graph import GraphBuilder, GraphView, attribute, copy_model
 from .nodes import NodeInfo, node_scope
 from .runtime import Runner
@@ -159,9 +161,11 @@ class LeGradBlocks:
     """The explained blocks of an Explainer's nodes, their gradient models built on first use."""
 
     def __init__(self, model, nodes: list[NodeInfo], candidates: list[NodeInfo], backend: str,
-                 provider: str, threads: int | None, probe: dict | None):
+                 provider: str, threads: int | None, probe: dict | None, digest: bytes | None = None):
+        """``digest``: the model's cache digest (None: no cache, every block model is built)."""
         self.model, self.nodes, self.candidates = model, nodes, candidates
         self.backend, self.provider, self.threads, self.probe = backend, provider, threads, probe
+        self.digest = digest
         self._blocks: list[Block] | None = None
         self._sessions: dict[int, tuple[Runner, list[str]]] = {}
 
@@ -174,9 +178,19 @@ class LeGradBlocks:
     def gradients(self, i: int, x: np.ndarray, targets: np.ndarray, num_classes: int) -> np.ndarray:
         """d s_l / d attention (N, heads, queries, keys) for node i's block, s_l of class ``targets``."""
         if i not in self._sessions:
-            proto = with_measured_shapes(self.model.proto, self.probe)
-            built, names = build_block_model(proto, self.blocks()[i], self.backend)
-            self._sessions[i] = (Runner(built, names, self.provider, self.threads), names)
+            block = self.blocks()[i]
+
+            def build() -> onnx.ModelProto:
+                return build_block_model(with_measured_shapes(self.model.proto, self.probe), block,
+                                         self.backend)[0]
+
+            parts = {"family": "legrad", "block": [block.scope, block.output, block.attention],
+                     "backend": self.backend, "training_runtime": ort_training_available(),
+                     "probe": {k: list(v) for k, v in (self.probe or {}).items()}}
+            data = cached_model_bytes(parts, self.digest, build)
+            # outputs in the model's order: projected logits, attention, its gradient (build_block_model)
+            runner = Runner(data, None, self.provider, self.threads)
+            self._sessions[i] = (runner, runner.output_names)
         runner, _ = self._sessions[i]
         weights = np.zeros((len(x), num_classes), np.float32)
         weights[np.arange(len(x)), targets] = 1.0

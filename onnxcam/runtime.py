@@ -56,7 +56,7 @@ def session_options(threads: int | None = None):
 class Runner:
     """One inference session plus the output names it returns, reused across batches."""
 
-    def __init__(self, model: onnx.ModelProto | bytes, output_names: list[str], provider: str = "auto",
+    def __init__(self, model: onnx.ModelProto | bytes, output_names: list[str] | None, provider: str = "auto",
                  threads: int | None = None):
         ort = import_onnxruntime()
         data = model if isinstance(model, bytes) else model.SerializeToString()
@@ -67,7 +67,9 @@ class Runner:
                                                     providers=providers)
         except Exception as exc:
             raise OnnxcamError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
-        self.output_names = list(output_names)
+        # None: every output, in the model's order
+        self.output_names = ([o.name for o in self.session.get_outputs()] if output_names is None
+                             else list(output_names))
         # float16 (or double) models: float32 feeds are cast at the boundary, outputs come back float32
         self.input_types = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.providers = self.session.get_providers()

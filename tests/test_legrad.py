@@ -74,3 +74,26 @@ def test_legrad_refused_on_a_cnn(tmp_path):
     path = export_legacy(net, torch.zeros(1, 3, 16, 16), tmp_path / "cnn.onnx")
     with pytest.raises(OnnxcamError, match="LeGrad needs a vision transformer"):
         Explainer(str(path), cache=False).explain(np.zeros((1, 3, 16, 16), np.float32), method="legrad")
+
+
+def test_warm_explainer_reads_the_block_models_from_the_cache(vit, tmp_path, monkeypatch):
+    """The blocks' gradient models are cached like the other augmented models: a second Explainer
+    builds none (no probe run, no surgery) and gives the same maps, bit for bit."""
+    from onnxcam import legrad
+    net, path, x = vit
+    monkeypatch.setenv("ONNXCAM_CACHE_DIR", str(tmp_path / "cache"))
+    cold = Explainer(str(path), BLOCKS).explain(x, method="legrad", targets=[1, 4, 0])
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a block model was built with a warm cache")
+    monkeypatch.setattr(legrad, "build_block_model", no_build)
+    monkeypatch.setattr(legrad, "with_measured_shapes", no_build)
+    warm = Explainer(str(path), BLOCKS).explain(x, method="legrad", targets=[1, 4, 0])
+    np.testing.assert_array_equal(warm.maps, cold.maps)
+    for a, b in zip(warm.layer_maps, cold.layer_maps):
+        np.testing.assert_array_equal(a, b)
+    one = Explainer(str(path), BLOCKS[:1]).explain(x, method="legrad", targets=[1, 4, 0])   # cached per block
+    np.testing.assert_array_equal(one.layer_maps[0], cold.layer_maps[0])
+    other = Explainer(str(path), "encoder/layers/encoder_layer_2")     # not in the cache: built
+    with pytest.raises(AssertionError, match="warm cache"):
+        other.explain(x, method="legrad", targets=[1, 4, 0])
