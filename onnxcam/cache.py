@@ -122,6 +122,24 @@ def _write(path: Path, proto: onnx.ModelProto | bytes) -> bool:
         return False
 
 
+def _load(path: Path) -> memoryview | None:
+    """An entry's payload, marked as just used (the LRU order), or None."""
+    payload = _read_payload(path)
+    if payload is not None:
+        cache_limits.touch(path)
+    return payload
+
+
+def _store(path: Path, payload: bytes) -> bool:
+    """Write an entry within the size cap ($ONNXCAM_CACHE_MAX_MB), then evict the least recently used
+    others down to it; False when it is not kept (too large, or the folder cannot be written)."""
+    limit = cache_limits.max_bytes()
+    if len(payload) > min(MAX_CACHED_BYTES, limit) or not _write(path, payload):
+        return False
+    cache_limits.evict(path.parent, keep=path, limit=limit)
+    return True
+
+
 def _path(parts: dict, digest_of_model: bytes, cache_dir, suffix: str) -> Path:
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return path / f"{cache_key(parts, digest_of_model=digest_of_model)}{suffix}"
@@ -135,12 +153,11 @@ def cached_model_bytes(parts: dict, digest_of_model: bytes | None, build: Callab
     if digest_of_model is None:
         return build().SerializeToString()
     path = _path(parts, digest_of_model, cache_dir, ".onnxcam")
-    hit = _read_payload(path)
+    hit = _load(path)
     if hit is not None:
         return bytes(hit)
     data = build().SerializeToString()
-    if len(data) <= MAX_CACHED_BYTES:
-        _write(path, data)
+    _store(path, data)
     return data
 
 
@@ -181,7 +198,9 @@ def cached_model(parts: dict, model_proto: onnx.ModelProto | bytes,
         cache_limits.touch(path)
         return hit
     proto = build()
-    limit = cache_limits.max_bytes()
-    if proto.ByteSize() <= min(MAX_CACHED_BYTES, limit) and _write(path, proto):
-        cache_limits.evict(path.parent, keep=path, limit=limit)
+    if proto.ByteSize() <= min(MAX_CACHED_BYTES, cache_limits.max_bytes()):
+        try:
+            _store(path, proto.SerializeToString())
+        except Exception:   # over protobuf's 2 GB limit
+            pass
     return proto
