@@ -88,15 +88,31 @@ MUTATIONS = [
       "if path.resolve() in protected:", "if False:", CLI),
     # cache
     M("cache-written-in-place", "cache", "onnxcam/cache.py",
-      "        write_atomic(path, [_MAGIC, hashlib.sha256(payload).digest(), payload])",
+      "        write_atomic(path, [_MAGIC, _check_bytes(payload), payload])",
       '        with open(path, "wb") as handle:\n'
-      '            for chunk in [_MAGIC, hashlib.sha256(payload).digest(), payload]:\n'
+      '            for chunk in [_MAGIC, _check_bytes(payload), payload]:\n'
       '                handle.write(chunk)', ("tests/test_atomic_writes.py", "tests/test_cache.py")),
     M("cache-key-ignores-request", "cache", "onnxcam/cache.py",
       "request = dict(parts, onnxcam_version=_version())", "request = dict(onnxcam_version=_version())",
       ("tests/test_cache.py",)),
     M("cache-checksum-unchecked", "cache", "onnxcam/cache.py",
-      "if hashlib.sha256(payload).digest() != data[len(_MAGIC):header]:", "if False:", ("tests/test_cache.py",)),
+      "if _check_bytes(payload) != data[len(_MAGIC):_HEADER]:", "if False:", ("tests/test_cache.py",)),
+    M("cache-bytes-past-the-cap", "cache", "onnxcam/cache.py",
+      "    if len(payload) > min(MAX_CACHED_BYTES, limit) or not _write(path, payload):\n        return False\n"
+      "    cache_limits.evict(path.parent, keep=path, limit=limit)",
+      "    if len(payload) > MAX_CACHED_BYTES or not _write(path, payload):\n        return False",
+      ("tests/test_cache.py",)),
+    M("legrad-cache-ignores-block", "cache", "onnxcam/legrad.py",
+      '"block": [block.scope, block.output, block.attention]', '"block": []', ("tests/test_legrad.py",)),
+    M("ray-workers-ignore-detection", "outputs", "onnxcam/distributed.py",
+      "self.runner = file_runner(explainer, preprocessing, out_dir, methods, detection,",
+      "self.runner = file_runner(explainer, preprocessing, out_dir, methods, None,",
+      ("tests/test_distributed.py",)),
+    M("export-augmented-drops-feeds", "outputs", "onnxcam/cli/models.py",
+      "False, feed_specs, output_name, class_axis", "False, (), output_name, class_axis",
+      ("tests/test_any_export.py",)),
+    M("entry-point-exit-code-lost", "errors", "onnxcam/cli/app.py", "    os._exit(code)", "    os._exit(0)",
+      ("tests/test_profile.py",)),
     # errors
     M("external-data-check-removed", "errors", "onnxcam/model.py",
       "    if not target.exists():\n        raise OnnxcamError(", "    if False:\n        raise OnnxcamError(", CLI),
@@ -132,8 +148,8 @@ MUTATIONS = [
       ("tests/test_scorecam.py", "tests/test_scorecam_graph.py")),
     # gradient rules
     M("relu-gate-inverted", "gradient rules", "onnxcam/gradients/rules/elementwise.py",
-      'return [e.op("Mul", [gy[0], _mask(e, e.op("Greater", [y, e.scalar(0.0, y)]), y)])]',
-      'return [e.op("Mul", [gy[0], _mask(e, e.op("Less", [y, e.scalar(0.0, y)]), y)])]',
+      'return [e.op("Mul", [e.compact(gy[0]), _mask(e, e.op("Greater", [y, e.scalar(0.0, y)]), y)])]',
+      'return [e.op("Mul", [e.compact(gy[0]), _mask(e, e.op("Less", [y, e.scalar(0.0, y)]), y)])]',
       ("tests/test_portable_rules.py",)),
     M("clip-upper-bound-ignored", "gradient rules", "onnxcam/gradients/rules/elementwise.py",
       'for bound, op_type in ((low, "Greater"), (high, "Less")):', 'for bound, op_type in ((low, "Greater"),):',
