@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from onnxcam import cache
-from onnxcam.cache import cache_key, cached_model, default_cache_dir
+from onnxcam.cache import cache_key, cached_model, cached_model_bytes, default_cache_dir, model_digest
 
 from tiny_models import tiny_classifier
 from user_path import run_without_privileges
@@ -153,43 +153,34 @@ def _parts(i):
     return dict(PARTS, nodes=[f"n{i}"])
 
 
-def test_cap_evicts_least_recently_used(tmp_path, monkeypatch):
+def _as_model(parts, model, build, folder):
+    return cached_model(parts, model, build, cache_dir=folder)
+
+
+def _as_bytes(parts, model, build, folder):
+    return cached_model_bytes(parts, model_digest(model), build, cache_dir=folder)
+
+
+# cached_model_bytes is what every session is made from: before, it wrote past the cap and never
+# marked a read, so its entries were evicted by age of writing, not of use
+@pytest.mark.parametrize("cache_it", [_as_model, _as_bytes], ids=["model", "bytes"])
+def test_cap_evicts_least_recently_used(tmp_path, monkeypatch, cache_it):
     model = tiny_classifier()
     size = len(model.SerializeToString()) + 48
     monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", str(3.5 * size / 2**20))   # room for three entries
     for i in range(3):
-        cached_model(_parts(i), model, Builder(model), cache_dir=tmp_path)
-    paths = {i: tmp_path / f"{cache_key(_parts(i), model.SerializeToString())}.onnxcam" for i in range(4)}
+        cache_it(_parts(i), model, Builder(model), tmp_path)
+    paths = {i: tmp_path / f"{cache_key(_parts(i), model.SerializeToString())}.onnxcam" for i in range(5)}
     for age, i in ((300, 0), (200, 1), (100, 2)):
         os.utime(paths[i], (os.path.getmtime(paths[i]) - age,) * 2)
     hit = Builder(model)
-    cached_model(_parts(0), model, hit, cache_dir=tmp_path)          # a read makes entry 0 recent
+    cache_it(_parts(0), model, hit, tmp_path)          # a read makes entry 0 recent
     assert hit.calls == 0
-    cached_model(_parts(3), model, Builder(model), cache_dir=tmp_path)
-    assert {i for i, p in paths.items() if p.exists()} == {0, 2, 3}   # 1 was least recently used
-
-
-def test_cap_and_lru_hold_for_serialized_entries_too(tmp_path, monkeypatch):
-    """cached_model_bytes (what sessions are made from) keeps the same cap and LRU order as
-    cached_model (it wrote past the cap and never marked a read before)."""
-    from onnxcam.cache import cached_model_bytes, model_digest
-    model = tiny_classifier()
-    digest = model_digest(model)
-    size = len(model.SerializeToString()) + 48
-    monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", str(3.5 * size / 2**20))   # room for three entries
-    for i in range(3):
-        cached_model_bytes(_parts(i), digest, Builder(model), cache_dir=tmp_path)
-    paths = {i: tmp_path / f"{cache_key(_parts(i), digest_of_model=digest)}.onnxcam" for i in range(4)}
-    for age, i in ((300, 0), (200, 1), (100, 2)):
-        os.utime(paths[i], (os.path.getmtime(paths[i]) - age,) * 2)
-    hit = Builder(model)
-    assert cached_model_bytes(_parts(0), digest, hit, cache_dir=tmp_path) == model.SerializeToString()
-    assert hit.calls == 0
-    cached_model_bytes(_parts(3), digest, Builder(model), cache_dir=tmp_path)
+    cache_it(_parts(3), model, Builder(model), tmp_path)
     assert {i for i, p in paths.items() if p.exists()} == {0, 2, 3}   # 1 was least recently used
     monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", "0")
-    cached_model_bytes(_parts(4), digest, Builder(model), cache_dir=tmp_path)
-    assert not (tmp_path / f"{cache_key(_parts(4), digest_of_model=digest)}.onnxcam").exists()
+    cache_it(_parts(4), model, Builder(model), tmp_path)
+    assert not paths[4].exists()
 
 
 def test_zero_cap_keeps_nothing_and_bad_cap_is_an_error(tmp_path, monkeypatch):
