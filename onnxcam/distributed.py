@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .detection_files import file_runner
 from .errors import OnnxcamError
 from .explainer import Explainer
-from .detection_files import file_runner
 from .files import FileExplainer, InputItem, load_input
 from .image_header import DEFAULT_MAX_PIXELS
 from .model import load_model
@@ -154,10 +154,10 @@ class _ExplainWorker:
         for given, x, rgb, error in zip(batch["input"], batch["x"], batch["rgb"], batch["error"]):
             given = Path(str(given))        # names the outputs and the results; read as path already
             if error:
-                rows.append(_failure(str(given), str(error), self.with_map, detection=self.detection))
+                rows.append(self._failure(str(given), str(error)))
             elif self.skip_done and not self.runner.overwrite and all(
                     o.exists() for o in self.runner.expected_outputs(given)):
-                rows.append(_failure(str(given), None, self.with_map, skipped=True, detection=self.detection))
+                rows.append(self._failure(str(given), None, skipped=True))
             else:
                 items.append(InputItem(given, _unpack(x), _unpack(rgb)))
         groups: dict[tuple, list[InputItem]] = {}
@@ -167,12 +167,15 @@ class _ExplainWorker:
             rows.extend(self._explain(group))
         return pa.Table.from_pylist(rows, schema=_schema(self.with_map, self.detection))
 
+    def _failure(self, path: str, message: str | None, skipped: bool = False) -> dict:
+        return _failure(path, message, self.with_map, skipped, self.detection)
+
     def _explain(self, items: list[InputItem]) -> list[dict]:
         try:
             return [_rows(r, self.with_map) for r in self.runner.explain_items(items, self.protected)]
         except OnnxcamError as exc:
             if len(items) == 1:
-                return [_failure(str(items[0].path), str(exc), self.with_map, detection=self.detection)]
+                return [self._failure(str(items[0].path), str(exc))]
         # one bad input must not fail the batch: explain each alone to find which one it was
         return [row for item in items for row in self._explain([item])]
 

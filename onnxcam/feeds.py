@@ -12,6 +12,7 @@ with copies of its last row, and the results put back together without the paddi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from onnx import helper
@@ -19,6 +20,7 @@ from onnx import helper
 from . import layouts
 from .errors import OnnxcamError, shape_text
 from .model import LoadedModel, TensorSpec
+from .preprocess import Preprocessing
 
 
 def checked_input(x, spec: TensorSpec) -> np.ndarray:
@@ -58,9 +60,6 @@ def probe_shapes(model: LoadedModel, feeds: "InputFeeds", input_layout: str,
 
 
 def _explained_probe_shape(model: LoadedModel, input_layout: str, input_shape: tuple | None) -> tuple | None:
-    from dataclasses import replace
-
-    from .preprocess import Preprocessing
     spec = model.input
     if input_shape is not None:
         return tuple(input_shape)

@@ -31,7 +31,7 @@ from onnx import helper
 
 from .cache import cached_model_bytes
 from .errors import OnnxcamError
-from .gradients import build_gradient_model, gradient_name, ort_training_available
+from .gradients import build_gradient_model, ort_training_available
 from .graph import GraphBuilder, GraphView, attribute, copy_model
 from .nodes import NodeInfo, node_scope
 from .runtime import Runner
@@ -130,7 +130,7 @@ def _head(view: GraphView, logits: str) -> tuple[onnx.NodeProto, str, list[onnx.
     return norm, selected, chain
 
 
-def build_block_model(proto: onnx.ModelProto, block: Block, backend: str) -> tuple[onnx.ModelProto, list[str]]:
+def build_block_model(proto: onnx.ModelProto, block: Block, backend: str) -> onnx.ModelProto:
     """The gradient model of one block: outputs [projected logits, attention, d s_l / d attention]."""
     view = GraphView(proto)
     logits = find_logits(view)
@@ -154,7 +154,7 @@ def build_block_model(proto: onnx.ModelProto, block: Block, backend: str) -> tup
     add_target_head(model, projected, GraphView(model))
     set_outputs(model, [projected, block.attention], GraphView(model))
     model, _ = build_gradient_model(model, SCORE, [block.attention], backend)
-    return model, [projected, block.attention, gradient_name(block.attention)]
+    return model
 
 
 class LeGradBlocks:
@@ -182,7 +182,7 @@ class LeGradBlocks:
 
             def build() -> onnx.ModelProto:
                 return build_block_model(with_measured_shapes(self.model.proto, self.probe), block,
-                                         self.backend)[0]
+                                         self.backend)
 
             parts = {"family": "legrad", "block": [block.scope, block.output, block.attention],
                      "backend": self.backend, "training_runtime": ort_training_available(),
