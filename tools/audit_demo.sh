@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/venv.sh
-make_venv .venv -e ".[cpu,tools]"
+make_venv .venv -c tools/constraints-tested.txt -e ".[cpu,tools]"
 PY=.venv/bin/python
 $PY tools/make_efficientnet.py --out models/efficientnet_lite0.onnx
 $PY tools/make_efficientnet.py --dynamo --out models/efficientnet_lite0_dynamo.onnx

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/venv.sh
-make_venv .venv -e ".[cpu,tools]"
+make_venv .venv -c tools/constraints-tested.txt -e ".[cpu,tools]"
 .venv/bin/python tools/make_efficientnet.py --out models/efficientnet_lite0.onnx
 .venv/bin/python tools/example_images.py --out examples
 .venv/bin/onnxcam explain models/efficientnet_lite0.onnx examples/ --out demo_out --overwrite "$@"
