@@ -64,8 +64,9 @@ def test_json_summary_and_class_names(files):
 
 
 def test_top_k_writes_one_map_per_class(files):
+    """(with ``-o``, the short form of ``--out``, as in export-augmented)"""
     model, images, tmp = files
-    result = invoke("explain", model, images[0], "--top-k", "2", "--out", tmp / "o", "--json")
+    result = invoke("explain", model, images[0], "--top-k", "2", "-o", tmp / "o", "--json")
     assert result.exit_code == 0, result.output
     entries = json.loads(result.stdout)["results"]
     assert [e["rank"] for e in entries] == [1, 2] and entries[0]["class"] != entries[1]["class"]

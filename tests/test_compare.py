@@ -247,10 +247,10 @@ def test_out_folder_and_html(torch_net_and_twin, photo_dir, tmp_path):
     page = (tmp_path / "sub" / "report.html").read_text()
     assert page.count("<img ") == 20 and page.count("<svg ") == 6
     assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    # two inputs with one name in different folders: two pictures
+    # two inputs with one name in different folders: two pictures (-o: the short form of --out)
     (tmp_path / "again").mkdir()
     shutil.copy(photo_dir / "chelsea.png", tmp_path / "again" / "chelsea.png")
-    result = run([nchw, twin, photo_dir / "chelsea.png", tmp_path / "again" / "chelsea.png", "--out",
+    result = run([nchw, twin, photo_dir / "chelsea.png", tmp_path / "again" / "chelsea.png", "-o",
                   tmp_path / "twice"])
     assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "twice").iterdir()) == [
         "chelsea_gradcam_compare.png", "chelsea_gradcam_compare_2.png", "compare.json"]

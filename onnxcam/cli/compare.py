@@ -81,7 +81,7 @@ def _unique_name(name: str, used: set[str]) -> str:
 @click.option("--html", "html_path", metavar="FILE", help="Write a self-contained HTML report.")
 @click.option("--html-inputs", type=int, default=50, show_default=True,
               help="Inputs the report shows with pictures (the worst ones); summary and histograms cover all.")
-@click.option("--out", "out_dir", metavar="DIR", help="Also write one PNG per input (overlays and differences) and "
+@click.option("-o", "--out", "out_dir", metavar="DIR", help="Also write one PNG per input (overlays and differences) and "
                                        "compare.json into this folder.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Heatmap weight in the overlays.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)

@@ -26,7 +26,7 @@ from .options import (_explainer_options, _floats, _input_options, _prefix, _pre
                    "applies); several methods share one run and give one grid.")
 @click.option("--target", help="Class to explain (index or class name); default: the top class.")
 @click.option("--top-k", type=int, help="Explain each of the K top classes (one map per class).")
-@click.option("--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
+@click.option("-o", "--out", "out_dir", default="onnxcam_out", show_default=True, help="Output folder.")
 @click.option("--npy", is_flag=True, help="Also save the raw maps as .npy.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Heatmap weight in the overlay.")
