@@ -152,7 +152,7 @@ def cached_model_bytes(parts: dict, digest_of_model: bytes | None, build: Callab
     too large, built each time)."""
     if digest_of_model is None:
         return build().SerializeToString()
-    path = _path(parts, digest_of_model, cache_dir, ".onnxcam")
+    path = _path(parts, digest_of_model, cache_dir, cache_limits.ENTRY_SUFFIX)
     hit = _load(path)
     if hit is not None:
         return bytes(hit)
@@ -167,15 +167,15 @@ def cached_json(parts: dict, digest_of_model: bytes | None, build: Callable[[], 
     derived from the model bytes (node table, output shapes) that cost shape inference and a probe run."""
     if digest_of_model is None:
         return build()
-    path = _path(parts, digest_of_model, cache_dir, ".json")
-    hit = _read_payload(path)
+    path = _path(parts, digest_of_model, cache_dir, cache_limits.FACTS_SUFFIX)
+    hit = _load(path)
     if hit is not None:
         try:
             return json.loads(bytes(hit))
         except ValueError:
             pass
     value = build()
-    _write(path, json.dumps(value).encode())
+    _store(path, json.dumps(value).encode())
     return value
 
 
@@ -192,7 +192,7 @@ def cached_model(parts: dict, model_proto: onnx.ModelProto | bytes,
         digest_of_model = model_digest(model_proto)
         if digest_of_model is None:
             return build()
-    path = _path(parts, digest_of_model, cache_dir, ".onnxcam")
+    path = _path(parts, digest_of_model, cache_dir, cache_limits.ENTRY_SUFFIX)
     hit = _read(path)
     if hit is not None:
         cache_limits.touch(path)

@@ -1,7 +1,9 @@
 """The cache's size cap and its maintenance: least-recently-used eviction, ``onnxcam cache info`` and
 ``onnxcam cache clear``.
 
-Entries are ``*.onnxcam`` files; reading one touches its modification time, so the oldest mtime is
+Entries are ``*.onnxcam`` files (built models) and ``<key>.json`` files (the facts derived from a model:
+node table, output shapes), both named by their 64-hex-digit cache key; other files in the folder are
+never counted or removed. Reading an entry touches its modification time, so the oldest mtime is
 the least recently used. After each write, the oldest entries are removed until the folder holds at
 most ``$ONNXCAM_CACHE_MAX_MB`` megabytes (default 2048; 0 keeps nothing), and our temporaries left
 by killed writers (older than ten minutes) go too.
@@ -17,6 +19,8 @@ from .errors import OnnxcamError
 MAX_ENV = "ONNXCAM_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 2048
 ENTRY_SUFFIX = ".onnxcam"
+FACTS_SUFFIX = ".json"
+_KEY_LENGTH = 64   # a sha256 hex digest (cache.cache_key)
 TEMP_GRACE_S = 600.0   # a cache write is one call; a temporary this old has no live writer
 
 
@@ -41,13 +45,22 @@ def entries(folder: Path) -> list[tuple[float, int, Path]]:
     except OSError:
         return []
     for entry in scan:
-        if entry.name.endswith(ENTRY_SUFFIX) and entry.is_file(follow_symlinks=False):
+        if is_entry(entry.name) and entry.is_file(follow_symlinks=False):
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             out.append((st.st_mtime, st.st_size, Path(entry.path)))
     return sorted(out)
+
+
+def is_entry(name: str) -> bool:
+    """Whether a file name is one of the cache's: any ``*.onnxcam``, or a cache key ``.json``."""
+    if name.endswith(ENTRY_SUFFIX):
+        return True
+    stem = name[:-len(FACTS_SUFFIX)]
+    return (name.endswith(FACTS_SUFFIX) and len(stem) == _KEY_LENGTH
+            and all(c in "0123456789abcdef" for c in stem))
 
 
 def touch(path: Path) -> None:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from onnxcam import cache
-from onnxcam.cache import cache_key, cached_model, cached_model_bytes, default_cache_dir, model_digest
+from onnxcam.cache import cache_key, cached_json, cached_model, cached_model_bytes, default_cache_dir, model_digest
 
 from tiny_models import tiny_classifier
 from user_path import run_without_privileges
@@ -161,16 +161,33 @@ def _as_bytes(parts, model, build, folder):
     return cached_model_bytes(parts, model_digest(model), build, cache_dir=folder)
 
 
+FACTS = {"table": list(range(400))}   # a JSON fact about the size of the tiny model
+
+
+def _as_facts(parts, model, build, folder):
+    def facts():
+        build()
+        return FACTS
+    assert cached_json(parts, model_digest(model), facts, cache_dir=folder) == FACTS
+
+
+def _entry_size(cache_it, model):
+    payload = json.dumps(FACTS).encode() if cache_it is _as_facts else model.SerializeToString()
+    return len(payload) + 48
+
+
 # cached_model_bytes is what every session is made from: before, it wrote past the cap and never
-# marked a read, so its entries were evicted by age of writing, not of use
-@pytest.mark.parametrize("cache_it", [_as_model, _as_bytes], ids=["model", "bytes"])
+# marked a read, so its entries were evicted by age of writing, not of use; the JSON facts (node table,
+# output shapes) were written even with a cap of 0 and never evicted nor cleared
+@pytest.mark.parametrize("cache_it", [_as_model, _as_bytes, _as_facts], ids=["model", "bytes", "facts"])
 def test_cap_evicts_least_recently_used(tmp_path, monkeypatch, cache_it):
     model = tiny_classifier()
-    size = len(model.SerializeToString()) + 48
+    size = _entry_size(cache_it, model)
     monkeypatch.setenv("ONNXCAM_CACHE_MAX_MB", str(3.5 * size / 2**20))   # room for three entries
     for i in range(3):
         cache_it(_parts(i), model, Builder(model), tmp_path)
-    paths = {i: tmp_path / f"{cache_key(_parts(i), model.SerializeToString())}.onnxcam" for i in range(5)}
+    suffix = ".json" if cache_it is _as_facts else ".onnxcam"
+    paths = {i: tmp_path / f"{cache_key(_parts(i), model.SerializeToString())}{suffix}" for i in range(5)}
     for age, i in ((300, 0), (200, 1), (100, 2)):
         os.utime(paths[i], (os.path.getmtime(paths[i]) - age,) * 2)
     hit = Builder(model)
@@ -202,17 +219,19 @@ def test_cache_info_and_clear_commands(tmp_path, monkeypatch):
     model = tiny_classifier()
     for i in range(2):
         cached_model(_parts(i), model, Builder(model))
+    _as_facts(_parts(0), model, Builder(model), None)
     (tmp_path / ".x.onnxcam.abcdefgh.tmp").write_bytes(b"partial")    # a killed writer's
     (tmp_path / "mine.txt").write_text("not the cache's")
-    import json
+    (tmp_path / "settings.json").write_text("{}")                      # not named by a cache key
     info = json.loads(CliRunner().invoke(main, ["cache", "info", "--json"]).output)
-    assert info["entries"] == 2 and info["temporaries"] == 1 and info["max_bytes"] == 2048 * 2**20
-    assert info["bytes"] == sum(p.stat().st_size for p in tmp_path.glob("*.onnxcam"))
+    assert info["entries"] == 3 and info["temporaries"] == 1 and info["max_bytes"] == 2048 * 2**20
+    ours = [*tmp_path.glob("*.onnxcam"), *(p for p in tmp_path.glob("*.json") if p.name != "settings.json")]
+    assert len(ours) == 3 and info["bytes"] == sum(p.stat().st_size for p in ours)
     text = CliRunner().invoke(main, ["cache", "info"]).output
-    assert "2 entries" in text and "of 2048 MB" in text
+    assert "3 entries" in text and "of 2048 MB" in text
     result = CliRunner().invoke(main, ["cache", "clear"])
-    assert result.exit_code == 0 and "removed 2 cached model(s)" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    assert result.exit_code == 0 and "removed 3 cache entries" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "settings.json"]
 
 
 def test_cache_keys_follow_the_onnxcam_source(tmp_path, monkeypatch):

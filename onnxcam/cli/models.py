@@ -118,12 +118,12 @@ def cache_info(as_json):
 
 @cache_group.command("clear")
 def cache_clear():
-    """Remove every cached model (and leftover temporaries); other files are left alone."""
+    """Remove every cache entry (models, node tables, leftover temporaries); other files are left alone."""
     from ..cache import default_cache_dir
     from ..cache_limits import clear
     folder = default_cache_dir()
     count, freed = clear(folder)
-    click.echo(f"removed {count} cached model(s), {freed / 2**20:.1f} MB, from {folder}")
+    click.echo(f"removed {count} cache entr{'y' if count == 1 else 'ies'}, {freed / 2**20:.1f} MB, from {folder}")
 
 
 def _initializers(proto) -> set[str]:
