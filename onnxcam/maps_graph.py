@@ -119,15 +119,34 @@ class _Emitter:
         raise ValueError(f"{method} has no in-graph form")
 
     def spatial_mean(self, G: str) -> str:
-        """The mean of G over (H, W), (N, C, 1, 1). When G is a pointwise Conv of h (the backward of a
-        1x1 convolution, as after MobileNet/EfficientNet's last block), the Conv is a per-pixel linear
-        map, so the mean of G is that Conv of the mean of h: applied to one pixel instead of H·W (and
-        the full-size Conv, then unused, is pruned). Equal up to float rounding."""
-        conv = _pointwise_conv(self.view, G)
-        if conv is None:
-            return self.reduce("ReduceMean", G, _SPATIAL, 1)
-        pooled = self.reduce("ReduceMean", conv.input[0], _SPATIAL, 1)
-        return self.b.op("Conv", [pooled, *conv.input[1:]], **attributes(conv))
+        """The mean of G over (H, W), (N, C, 1, 1), taken as early in G's backward chain as is exact
+        (up to float rounding), so the full-size tensors after that point are pruned:
+
+        - G a pointwise Conv of h (the backward of a 1x1 convolution, as after MobileNet/EfficientNet's
+          last block): a per-pixel linear map, so mean(G) is that map of mean(h), one pixel instead of
+          H·W (a Gemm: ONNX Runtime's Conv on a 1x1 plane pays for its blocked layout);
+        - G = s · h with s constant over (H, W) (the pooled upstream gradient times a ReLU/ReLU6 mask):
+          mean(G) = s · mean(h)."""
+        view = self.view
+        node = view.producer.get(G)
+        while node is not None and node.op_type == "Identity" and is_default_domain(node):
+            G, node = node.input[0], view.producer.get(node.input[0])
+        conv = _pointwise_conv(view, G)
+        if conv is not None:
+            pooled = self.spatial_mean(conv.input[0])
+            if attributes(conv).get("group", 1) != 1:
+                return self.b.op("Conv", [pooled, *conv.input[1:]], **attributes(conv))
+            b = self.b
+            flat = b.op("Reshape", [pooled, b.ints([0, -1])])                       # (N, C_in)
+            weights = b.op("Reshape", [conv.input[1], b.ints([0, -1])])             # (C_out, C_in)
+            mean = b.op("Gemm", [flat, weights, *conv.input[2:3]], transB=1)        # (N, C_out)
+            return b.op("Reshape", [mean, b.ints([0, -1, 1, 1])])
+        if node is not None and node.op_type == "Mul" and is_default_domain(node) and view.rank(G) == 4:
+            for k in (0, 1):
+                scale, other = node.input[k], node.input[1 - k]
+                if _constant_over_spatial(view, scale) and view.rank(other) == 4:
+                    return self.b.op("Mul", [scale, self.spatial_mean(other)])
+        return self.reduce("ReduceMean", G, _SPATIAL, 1)
 
     def normalize(self, maps: str) -> str:
         """Per sample (x − min) / (max + 1e-7) over (H, W), as postprocess.normalize."""
@@ -152,6 +171,13 @@ class _Emitter:
         resized = b.op("Resize", [planes, empty, empty, sizes], mode="linear",
                        coordinate_transformation_mode="half_pixel")
         return b.axes_op("Squeeze", resized, [1])
+
+
+def _constant_over_spatial(view: GraphView, name: str) -> bool:
+    """Whether ``name``, broadcast against a 4D (N, C, H, W) tensor, has one value over (H, W): its
+    known dims aligned with H and W (numpy broadcasting aligns the trailing ones) are all 1."""
+    shape = view.shape(name)
+    return shape is not None and len(shape) <= 4 and all(d == 1 for d in shape[-2:])
 
 
 def _pointwise_conv(view: GraphView, name: str) -> onnx.NodeProto | None:

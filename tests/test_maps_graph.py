@@ -178,7 +178,8 @@ def _conv_head(kernel: int):
 def test_gradcam_mean_goes_through_pointwise_convs_only(kernel):
     """Behind a 1x1 convolution Grad-CAM's spatial mean of the gradient is taken before the backward Conv
     (a per-pixel linear map commutes with the mean); behind a 3x3 one it must not be: both equal the
-    NumPy engine, and only the 1x1 model loses its full-size backward Conv."""
+    NumPy engine, and only the 1x1 model loses its full-size backward Conv and the full-size product of
+    the pooled gradient with the ReLU mask (mean(s · mask) = s · mean(mask) for s constant over H, W)."""
     from onnxcam.graph import copy_model
     from onnxcam.layouts import FIRST
     from onnxcam.maps_graph import append_maps
@@ -190,5 +191,8 @@ def test_gradcam_mean_goes_through_pointwise_convs_only(kernel):
     proto = copy_model(gradient.proto)
     append_maps(proto, gradient.input_name, FIRST, gradient.logits, gradient.activations, gradient.gradients,
                 [FIRST], ["gradcam"])
-    backward_convs = [n for n in proto.graph.node if n.name.startswith("onnxcam_bw/") and n.op_type == "Conv"]
-    assert (len(backward_convs) == 0) == (kernel == 1)
+    backward = [n for n in proto.graph.node if n.name.startswith("onnxcam_bw/")]
+    assert (not [n for n in backward if n.op_type == "Conv"]) == (kernel == 1)
+    masks = {n.output[0] for n in backward if n.op_type == "Cast"}
+    masked = [n for n in backward if n.op_type == "Mul" and masks & set(n.input)]
+    assert len(masks) == 1 and (not masked) == (kernel == 1)
