@@ -23,7 +23,7 @@ from .methods import (ATTENTION_GRADIENTS, CHANNEL_SCORES, CLASS_WEIGHTS, GRADIE
 from .methods.postprocess import fuse_layers, layer_to_input
 from .model import LoadedModel, load_model
 from .nodes import NodeInfo, resolve_node
-from .runtime import Runner
+from .runtime import Runner, configured_threads
 from .scorecam import ScoreCam
 from .surgery import TARGET_WEIGHTS, AugmentedModel, build_forward_model, find_logits
 from .targets import ScoredOutput, checked_targets, locate_axes, target_weights
@@ -54,7 +54,8 @@ class Explainer:
         """``input``: the input to explain (multi-input models; the others come from ``feeds``, name ->
         array, one sample or one row per sample); ``output``: the output to score (default: the first,
         or the Softmax input); ``class_axis``: its class axis when the guess (targets.py) is wrong;
-        ``maps``: where the gradient methods' final maps are computed: ``graph`` (ONNX ops appended to
+        ``threads``: CPU threads for the sessions and EigenCAM's per-image SVDs (default $ONNXCAM_THREADS,
+        else every core); ``maps``: where the gradient methods' final maps are computed: ``graph`` (ONNX ops appended to
         the augmented model where that is exact, see maps_graph.py; NumPy elsewhere), ``numpy`` (the
         reference engine), ``auto`` (``graph`` when ``maps_graph.GRAPH_MAPS_BY_DEFAULT``)."""
         if maps not in MAPS_ENGINES:
@@ -347,13 +348,14 @@ class Explainer:
         batch = _Batch(x, chosen, map_weights, activations, gradients,
                        dict(batch_size=batch_size, max_channels=max_channels, progress=progress))
         size = self.input_spatial(x)
+        threads = configured_threads(self.threads)     # EigenCAM's per-sample SVDs, as many as the session's
         shared = time.perf_counter() - start
         for spec in specs:
             if spec.name in results:
                 continue
             begin = time.perf_counter()
             layer_maps = [spec.layer_map(LayerInputs(a, **{need: self._needs[need][1](batch, i)
-                                                            for need in spec.needs}))
+                                                            for need in spec.needs}, threads=threads))
                           for i, a in enumerate(activations)]
             if spec.fuse_raw:     # LeGrad: the blocks' maps averaged before the one normalisation
                 maps = fuse_layers([layer_to_input(np.mean(layer_maps, axis=0), size)])

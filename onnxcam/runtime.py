@@ -41,11 +41,16 @@ def execution_providers(provider: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def configured_threads(threads: int | None = None) -> int | None:
+    """The CPU threads asked for: ``threads``, else $ONNXCAM_THREADS, else None (the machine's)."""
+    return threads or int(os.environ.get("ONNXCAM_THREADS", "0") or 0) or None
+
+
 def session_options(threads: int | None = None):
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = threads or int(os.environ.get("ONNXCAM_THREADS", "0") or 0)
+    threads = configured_threads(threads)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -1,5 +1,7 @@
 """Layer-map formulas: hand-computed values on a 1×2×2×2 example, then loop references on random arrays
 of every spatial rank, the registry, and EigenCAM against the full-SVD recipe of pytorch-grad-cam."""
+import dataclasses
+import importlib
 import itertools
 
 import numpy as np
@@ -152,6 +154,50 @@ def test_eigencam_matches_full_svd_recipe(shape):
 def test_economy_svd_gives_the_full_svd_projection_bit_for_bit(positions, channels):
     a = np.random.default_rng(positions).random((channels, 1, positions), dtype=np.float32)
     np.testing.assert_array_equal(first_component_projection(a), _reference_projection(a))
+
+
+def test_eigencam_spreads_samples_over_threads_bit_for_bit(monkeypatch):
+    """Each sample's SVD on a worker thread gives the serial maps exactly, in sample order; ``threads=1``
+    starts no thread, and ``threads=None`` uses every CPU the process may use."""
+    module = importlib.import_module("onnxcam.methods.eigencam")   # (onnxcam.methods.eigencam is the function)
+    from concurrent.futures import ThreadPoolExecutor
+    A = np.random.default_rng(11).standard_normal((6, 40, 7, 7)).astype(np.float32)
+    pools = []
+
+    class Recording(ThreadPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(module, "ThreadPoolExecutor", Recording)
+    serial = eigencam(A, threads=1)
+    assert pools == []
+    np.testing.assert_array_equal(eigencam(A, threads=4), serial)
+    assert pools == [4]
+    monkeypatch.setattr(module, "available_cpus", lambda: 3)
+    np.testing.assert_array_equal(eigencam(A), serial)
+    np.testing.assert_array_equal(eigencam(A[:2]), serial[:2])
+    assert pools == [4, 3, 2]
+    expected = np.maximum(np.stack([first_component_projection(a) for a in A]), 0)
+    np.testing.assert_array_equal(serial, expected)
+
+
+def test_explainer_threads_bound_the_eigencam_threads(monkeypatch):
+    """Explainer(threads=N) (the CLI's $ONNXCAM_THREADS too) caps the host threads as it caps ONNX Runtime's."""
+    module = importlib.import_module("onnxcam.methods.eigencam")   # (onnxcam.methods.eigencam is the function)
+    from onnxcam import Explainer
+    from tiny_models import tiny_classifier
+    seen = []
+    real = module.eigencam
+    monkeypatch.setitem(METHODS, "eigencam", dataclasses.replace(
+        METHODS["eigencam"], function=lambda A, threads=None: seen.append(threads) or real(A, threads=threads)))
+    x = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    Explainer(tiny_classifier(size=8), "/features/relu/Relu", provider="cpu", threads=1, cache=False).explain(
+        x, method="eigencam")
+    monkeypatch.setenv("ONNXCAM_THREADS", "2")
+    Explainer(tiny_classifier(size=8), "/features/relu/Relu", provider="cpu", cache=False).explain(
+        x, method="eigencam")
+    assert seen == [1, 2]
 
 
 def test_eigencam_needs_spatial_axes():

@@ -33,6 +33,7 @@ class LayerInputs:
     class_weights: np.ndarray | None = None
     channel_scores: np.ndarray | None = None
     attention_gradients: np.ndarray | None = None
+    threads: int | None = None         # host threads a ``threaded`` method may use (None: every CPU)
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,18 @@ class Method:
     paper: str
     needs_target: bool = True
     fuse_raw: bool = False      # several nodes: average their raw maps, then normalise once (LeGrad)
+    threaded: bool = False      # spreads per-sample host work over ``threads=`` (EigenCAM's SVDs)
 
     def layer_map(self, inputs: LayerInputs) -> np.ndarray:
-        return self.function(inputs.activations, *(getattr(inputs, need) for need in self.needs))
+        extra = {"threads": inputs.threads} if self.threaded else {}
+        return self.function(inputs.activations, *(getattr(inputs, need) for need in self.needs), **extra)
 
 
-def _method(name, function, needs, description, paper, target=True, fuse_raw=False) -> Method:
+def _method(name, function, needs, description, paper, target=True, fuse_raw=False, threaded=False) -> Method:
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"method {name} needs unknown inputs {sorted(unknown)}")
-    return Method(name, function, tuple(needs), description, paper, target, fuse_raw)
+    return Method(name, function, tuple(needs), description, paper, target, fuse_raw, threaded)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -80,7 +83,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
             "IEEE TIP 2021"),
     _method("eigencam", eigencam, [], "first principal component of the activations (no target, no gradient)",
             "Muhammad and Yeasin, Eigen-CAM: Class Activation Map using Principal Components, IJCNN 2020 "
-            "(arXiv:2008.00299)", target=False),
+            "(arXiv:2008.00299)", target=False, threaded=True),
     _method("scorecam", weighted_sum, [CHANNEL_SCORES], "weights = softmax of the target logit for the input masked by "
             "each channel (one forward pass per channel)",
             "Wang et al., Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks, "

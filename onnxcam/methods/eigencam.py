@@ -13,12 +13,16 @@ These SVDs are small and one per image; OpenBLAS spreads each over all its threa
 twice as slow on two cores (a (49 × 2048) SVD: 8.2 ms on two threads, 4.5 ms on one) and left them
 fighting ONNX Runtime's threads, still spinning after the run (up to 10× slower inside an explain call).
 They run with BLAS limited to one thread (threadpoolctl) for the duration, whatever the process uses
-elsewhere.
+elsewhere; a batch's samples are spread over ``threads`` Python threads instead (LAPACK releases the
+GIL; ONNX Runtime is idle by then): each SVD is the same call on the same data, so the maps are
+bit-identical, and (32 × 320 × 7 × 7) took 18 ms instead of 27 ms on two cores.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -49,9 +53,22 @@ def first_component_projection(A_sample: np.ndarray) -> np.ndarray:
     return (rows @ vt[0, :]).reshape(A_sample.shape[1:])
 
 
-def eigencam(A) -> np.ndarray:
-    """(N, *S) float32 ReLU of each sample's first-principal-component projection."""
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def eigencam(A, threads: int | None = None) -> np.ndarray:
+    """(N, *S) float32 ReLU of each sample's first-principal-component projection; the samples' SVDs
+    run on up to ``threads`` threads (None: every CPU this process may use)."""
     A = as_activations(A)
+    workers = min(len(A), threads or available_cpus())
     with one_blas_thread():
-        projections = [first_component_projection(a) for a in A]
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="onnxcam-eigencam") as pool:
+                projections = list(pool.map(first_component_projection, A))
+        else:
+            projections = [first_component_projection(a) for a in A]
     return relu(np.stack(projections).astype(np.float32))
