@@ -85,19 +85,31 @@ class _Emitter:
     def __init__(self, b: GraphBuilder, view: GraphView):
         self.b = b
         self.view = view
+        self._made: dict[tuple, str] = {}
 
     def const(self, value: float) -> str:
         return self.b.initializer(np.array(value, np.float32), "c")
 
+    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+        """One node, or the one already made with the same inputs and attributes: several methods share
+        terms (G·A for HiResCAM and XGrad-CAM, relu(G) for LayerCAM and Grad-CAM++, Σ A)."""
+        key = (op_type, tuple(inputs), tuple(sorted((k, str(v)) for k, v in attrs.items())))
+        if key not in self._made:
+            self._made[key] = self.b.op(op_type, inputs, **attrs)
+        return self._made[key]
+
     def reduce(self, op: str, x: str, axes, keepdims: int) -> str:
-        return self.b.axes_op(op, x, axes, keepdims=keepdims)
+        key = ("axes", op, x, tuple(axes), keepdims)
+        if key not in self._made:
+            self._made[key] = self.b.axes_op(op, x, axes, keepdims=keepdims)
+        return self._made[key]
 
     def weighted(self, A: str, w: str) -> str:
         """relu(Σ_C w·A), w (N, C, 1, 1)."""
-        return self.b.op("Relu", [self.reduce("ReduceSum", self.b.op("Mul", [w, A]), [1], 0)])
+        return self.op("Relu", [self.reduce("ReduceSum", self.op("Mul", [w, A]), [1], 0)])
 
     def layer_map(self, method: str, A: str, G: str) -> str:
-        op, b = self.b.op, self.b
+        op = self.op
         if method == "gradcam":
             return self.weighted(A, self.spatial_mean(G))
         if method == "hirescam":

@@ -196,3 +196,21 @@ def test_gradcam_mean_goes_through_pointwise_convs_only(kernel):
     masks = {n.output[0] for n in backward if n.op_type == "Cast"}
     masked = [n for n in backward if n.op_type == "Mul" and masks & set(n.input)]
     assert len(masks) == 1 and (not masked) == (kernel == 1)
+
+
+def test_methods_share_their_common_terms():
+    """The five methods in one model compute G·A (HiResCAM, XGrad-CAM), relu(G) (LayerCAM, Grad-CAM++)
+    and Σ A (XGrad-CAM, Grad-CAM++) once each; the maps stay the reference's (test_shapes_cnn)."""
+    from onnxcam.graph import copy_model
+    from onnxcam.layouts import FIRST
+    from onnxcam.maps_graph import append_maps
+    graph = Explainer(_conv_head(3), "act", provider="cpu", maps="graph")
+    gradient = graph.augmented_gradient_model()
+    proto = copy_model(gradient.proto)
+    append_maps(proto, gradient.input_name, FIRST, gradient.logits, gradient.activations, gradient.gradients,
+                [FIRST], METHODS)
+    A, G = gradient.activations[0], gradient.gradients[0]
+    ours = [n for n in proto.graph.node if n.name.startswith("onnxcam_maps/")]
+    assert len([n for n in ours if n.op_type == "Mul" and sorted(n.input) == sorted([G, A])]) == 1
+    assert len([n for n in ours if n.op_type == "Relu" and list(n.input) == [G]]) == 1
+    assert len([n for n in ours if n.op_type == "ReduceSum" and n.input[0] == A]) == 1
