@@ -214,3 +214,30 @@ def test_methods_share_their_common_terms():
     assert len([n for n in ours if n.op_type == "Mul" and sorted(n.input) == sorted([G, A])]) == 1
     assert len([n for n in ours if n.op_type == "Relu" and list(n.input) == [G]]) == 1
     assert len([n for n in ours if n.op_type == "ReduceSum" and n.input[0] == A]) == 1
+
+
+def test_gradcam_mean_stays_behind_a_product_that_varies_over_space():
+    """input -> Conv 3x3 -> Relu [the node 'act'] -> · P (a constant that varies over H, W) -> Relu -> GAP
+    -> Gemm: d score / d act is (pooled gradient · mask) · P, a product of two full-size factors, so the
+    mean may only move in front of the pooled gradient's factor: the maps still equal the NumPy engine's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (rng.normal(0, 0.5, (6, 3, 3, 3)), "w1"), (rng.uniform(-1, 2, (1, 6, 10, 10)), "position"),
+        (rng.normal(0, 1.0, (5, 6)), "fc"))]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["act"], name="act"),
+             helper.make_node("Mul", ["act", "position"], ["weighted"]),
+             helper.make_node("Relu", ["weighted"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "gated",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(10).normal(size=(3, 3, 10, 10)).astype(np.float32)
+    _compare(*_pair(model, "act"), x)

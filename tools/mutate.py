@@ -217,6 +217,15 @@ MUTATIONS = [
       "rows = interpolation_matrix(map_size[0], input_size[0], align_corners=True)",
       "rows = interpolation_matrix(map_size[0], input_size[0], align_corners=False)",
       ("tests/test_scorecam_graph.py", "tests/test_scorecam.py")),
+    M("mean-through-any-product", "in-graph maps", "onnxcam/maps_graph.py",
+      "return shape is not None and len(shape) <= 4 and all(d == 1 for d in shape[-2:])",
+      "return shape is not None and len(shape) <= 4", MAPS),
+    M("json-facts-uncapped", "cache", "onnxcam/cache.py",
+      "    _store(path, json.dumps(value).encode())", "    _write(path, json.dumps(value).encode())",
+      ("tests/test_cache.py",)),
+    M("eigencam-threads-ignored", "methods", "onnxcam/methods/eigencam.py",
+      "workers = min(len(A), threads or available_cpus())", "workers = min(len(A), available_cpus())",
+      ("tests/test_methods.py",)),
 ]
 
 
