@@ -147,21 +147,16 @@ def test_the_classifier_backward_reads_only_the_target_rows(kind):
     assert "Gather" in backward and not {"Gemm", "MatMul"} & set(backward)
 
 
-def _conv_head(kernel: int):
-    """input -> Conv 3x3 -> Relu [the node 'act'] -> Conv kernel×kernel, stride 1, padded kernel - 1 ->
-    Relu -> GAP -> Gemm: the backward of the second Conv is an unpadded kernel×kernel Conv, which
-    Grad-CAM's mean may go through (1×1) or not (3×3)."""
+def _small_head(middle, weights, rng, channels: int = 6):
+    """input (N, 3, 10, 10) -> Conv 3x3 -> Relu [the node 'act'] -> ``middle`` (act to r2) -> GAP -> Gemm
+    (5 classes); ``weights``: the middle's initializers, name -> array."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(7)
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
-        (rng.normal(0, 0.5, (6, 3, 3, 3)), "w1"), (rng.normal(0, 0.3, (8, 6, kernel, kernel)), "w2"),
-        (rng.normal(0, 0.1, (8,)), "b2"), (rng.normal(0, 1.0, (5, 8)), "fc"))]
+    weights = {"w1": rng.normal(0, 0.5, (6, 3, 3, 3)), **weights, "fc": rng.normal(0, 1.0, (5, channels))}
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in weights.items()]
     nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
              helper.make_node("Relu", ["c1"], ["act"], name="act"),
-             helper.make_node("Conv", ["act", "w2", "b2"], ["c2"], kernel_shape=[kernel, kernel],
-                              pads=[kernel - 1] * 4),
-             helper.make_node("Relu", ["c2"], ["r2"]),
+             *middle,
              helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
              helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
@@ -172,6 +167,19 @@ def _conv_head(kernel: int):
     model.ir_version = 8        # what onnxruntime 1.17 (the minimum) and onnxruntime-training 1.19 read
     onnx.checker.check_model(model)
     return model
+
+
+def _conv_head(kernel: int):
+    """... -> act -> Conv kernel×kernel, stride 1, padded kernel - 1 -> Relu -> GAP -> Gemm: the backward
+    of the second Conv is an unpadded kernel×kernel Conv, which Grad-CAM's mean may go through (1×1) or
+    not (3×3)."""
+    from onnx import helper
+    rng = np.random.default_rng(7)
+    middle = [helper.make_node("Conv", ["act", "w2", "b2"], ["c2"], kernel_shape=[kernel, kernel],
+                               pads=[kernel - 1] * 4),
+              helper.make_node("Relu", ["c2"], ["r2"])]
+    return _small_head(middle, {"w2": rng.normal(0, 0.3, (8, 6, kernel, kernel)), "b2": rng.normal(0, 0.1, (8,))},
+                       rng, channels=8)
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
@@ -220,24 +228,10 @@ def test_gradcam_mean_stays_behind_a_product_that_varies_over_space():
     """input -> Conv 3x3 -> Relu [the node 'act'] -> · P (a constant that varies over H, W) -> Relu -> GAP
     -> Gemm: d score / d act is (pooled gradient · mask) · P, a product of two full-size factors, so the
     mean may only move in front of the pooled gradient's factor: the maps still equal the NumPy engine's."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
     rng = np.random.default_rng(9)
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
-        (rng.normal(0, 0.5, (6, 3, 3, 3)), "w1"), (rng.uniform(-1, 2, (1, 6, 10, 10)), "position"),
-        (rng.normal(0, 1.0, (5, 6)), "fc"))]
-    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-             helper.make_node("Relu", ["c1"], ["act"], name="act"),
-             helper.make_node("Mul", ["act", "position"], ["weighted"]),
-             helper.make_node("Relu", ["weighted"], ["r2"]),
-             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "gated",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    middle = [helper.make_node("Mul", ["act", "position"], ["weighted"]),
+              helper.make_node("Relu", ["weighted"], ["r2"])]
+    model = _small_head(middle, {"position": rng.uniform(-1, 2, (1, 6, 10, 10))}, rng)
     x = np.random.default_rng(10).normal(size=(3, 3, 10, 10)).astype(np.float32)
     _compare(*_pair(model, "act"), x)
