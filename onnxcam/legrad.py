@@ -167,7 +167,7 @@ class LeGradBlocks:
         self.backend, self.provider, self.threads, self.probe = backend, provider, threads, probe
         self.digest = digest
         self._blocks: list[Block] | None = None
-        self._sessions: dict[int, tuple[Runner, list[str]]] = {}
+        self._sessions: dict[int, Runner] = {}
 
     def blocks(self) -> list[Block]:
         if self._blocks is None:
@@ -189,9 +189,8 @@ class LeGradBlocks:
                      "probe": {k: list(v) for k, v in (self.probe or {}).items()}}
             data = cached_model_bytes(parts, self.digest, build)
             # outputs in the model's order: projected logits, attention, its gradient (build_block_model)
-            runner = Runner(data, None, self.provider, self.threads)
-            self._sessions[i] = (runner, runner.output_names)
-        runner, _ = self._sessions[i]
+            self._sessions[i] = Runner(data, None, self.provider, self.threads)
+        runner = self._sessions[i]
         weights = np.zeros((len(x), num_classes), np.float32)
         weights[np.arange(len(x)), targets] = 1.0
         _, attention, grad = runner.run({self.model.input.name: x, TARGET_WEIGHTS: weights})

@@ -143,7 +143,7 @@ class _Emitter:
         node = view.producer.get(G)
         while node is not None and node.op_type == "Identity" and is_default_domain(node):
             G, node = node.input[0], view.producer.get(node.input[0])
-        conv = _pointwise_conv(view, G)
+        conv = _pointwise_conv(node)
         if conv is not None:
             pooled = self.spatial_mean(conv.input[0])
             if attributes(conv).get("group", 1) != 1:
@@ -192,12 +192,8 @@ def _constant_over_spatial(view: GraphView, name: str) -> bool:
     return shape is not None and len(shape) <= 4 and all(d == 1 for d in shape[-2:])
 
 
-def _pointwise_conv(view: GraphView, name: str) -> onnx.NodeProto | None:
-    """The Conv that makes ``name`` (through Identity) when it is pointwise (1x1 kernel, stride 1, no
-    padding) on a 4D tensor, else None."""
-    node = view.producer.get(name)
-    while node is not None and node.op_type == "Identity" and is_default_domain(node):
-        node = view.producer.get(node.input[0])
+def _pointwise_conv(node: onnx.NodeProto | None) -> onnx.NodeProto | None:
+    """``node`` when it is a pointwise Conv (1x1 kernel, stride 1, no padding) on a 4D tensor, else None."""
     if node is None or node.op_type != "Conv" or not is_default_domain(node):
         return None
     a = attributes(node)

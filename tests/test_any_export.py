@@ -173,9 +173,9 @@ def test_two_input_model_through_the_cli(two_inputs, tmp_path):
 
 
 class TwoOutputs(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, seed: int = 2):
         super().__init__()
-        torch.manual_seed(2)
+        torch.manual_seed(seed)
         self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
         self.head_a, self.head_b = torch.nn.Linear(8, 5), torch.nn.Linear(8, 3)
 
@@ -477,18 +477,12 @@ def test_export_augmented_of_a_two_input_two_output_model(tmp_path):
     torch's d logit / d activation for the values fed at run time."""
     import onnxruntime as ort
 
-    class TwoInTwoOut(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(6)
-            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
-            self.head_a, self.head_b = torch.nn.Linear(8, 5), torch.nn.Linear(8, 3)
-
+    class TwoInTwoOut(TwoOutputs):
         def forward(self, image, gain):
             pooled = (self.features(image) * gain[:, :, None, None]).mean((2, 3))
             return self.head_a(pooled), self.head_b(pooled)
 
-    net = TwoInTwoOut().eval()
+    net = TwoInTwoOut(seed=6).eval()
     path = export(net, [torch.zeros(1, 3, 16, 16), torch.ones(1, 8)], tmp_path / "m.onnx", ["image", "gain"],
                   ["a", "b"], {"image": {0: "batch"}, "gain": {0: "batch"}, "a": {0: "batch"}, "b": {0: "batch"}})
     np.save(tmp_path / "gain.npy", np.ones((1, 8), np.float32))

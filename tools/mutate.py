@@ -190,7 +190,7 @@ MUTATIONS = [
       'b.op("Transpose", [b.op("Gather", [matrix, target], axis=1)], outputs=[node.output[0]], perm=[1, 0])',
       'b.op("Gather", [matrix, target], outputs=[node.output[0]], axis=0)', MAPS),
     M("pointwise-mean-takes-the-max", "maps graph", "onnxcam/maps_graph.py",
-      'pooled = self.reduce("ReduceMean", conv.input[0], _SPATIAL, 1)',
+      'pooled = self.spatial_mean(conv.input[0])',
       'pooled = self.reduce("ReduceMax", conv.input[0], _SPATIAL, 1)', MAPS),
     M("pointwise-conv-accepts-any-kernel", "maps graph", "onnxcam/maps_graph.py",
       "if kernel is None or list(kernel) != [1, 1]:", "if kernel is None:", MAPS + ("tests/test_explain_many.py",)),
