@@ -11,7 +11,8 @@ the reference and which the tests compare with):
 
 When the model fixes its input's spatial size and the node's is known, the bilinear resize is two
 MatMuls with constant interpolation matrices (rows, then columns: the same two-tap weights, ~20x less
-work than ONNX Resize at 7x7 -> 224x224); otherwise the resize target is read from the input's own shape
+work than ONNX Resize at 7x7 -> 224x224), and the final normalisation is folded in front of the row
+MatMul (``_Emitter.fused_static``: the input-sized maps are written once, not read four more times); otherwise the resize target is read from the input's own shape
 (Shape → Gather → Resize), so one model serves every input size. The ReLUs of the reference that act
 on maps already non-negative (a ReLU's output, a resize of one) are left out: they change nothing.
 The session then returns only the logits, the final maps (N, H, W) and the small layer maps; on
@@ -166,12 +167,40 @@ class _Emitter:
         top = self.b.op("Add", [self.reduce("ReduceMax", shifted, [1, 2], 1), self.const(NORMALIZE_EPS)])
         return self.b.op("Div", [shifted, top])
 
-    def resize_static(self, maps: str, source: tuple[int, int], target: tuple[int, int]) -> str:
-        """(N, h, w) → (N, H, W) with known sizes: rows (H, h) @ maps @ columns (w, W)."""
-        rows = self.b.initializer(interpolation_matrix(source[0], target[0], align_corners=False), "rows")
-        columns = self.b.initializer(np.ascontiguousarray(
-            interpolation_matrix(source[1], target[1], align_corners=False).T), "columns")
-        return self.b.op("MatMul", [rows, self.b.op("MatMul", [maps, columns])])
+    def fused_static(self, layers: Sequence[str], sources: Sequence[tuple[int, int]],
+                     target: tuple[int, int]) -> str:
+        """normalize(mean over layers of resize(normalize(layer))) with known sizes, each resize being
+        rows (H, h) @ maps @ columns (w, W), and the final normalisation moved in front of the rows:
+
+        - its min and max are those of a few output rows and columns (``_extreme_lines``), computed
+          from the same small products, instead of two passes over the (N, H, W) maps;
+        - (mean_l R_l·U_l − min) / top = Σ_l R_l·((U_l − min) / (L·top)), since each row of R_l sums
+          to 1 (up to float rounding), so the shift and scale act on the (N, h, W) products U_l and the
+          maps are written once, by the last MatMul."""
+        b, H, W = self.b, target[0], target[1]
+        rows = [interpolation_matrix(h, H, align_corners=False) for h, _ in sources]
+        columns = [interpolation_matrix(w, W, align_corners=False) for _, w in sources]
+        keep_rows, keep_columns = _extreme_lines(rows), _extreme_lines(columns)
+        products, corners = [], []
+        for layer, R, C in zip(layers, rows, columns):
+            normalized = self.normalize(layer)
+            products.append(b.op("MatMul", [normalized, b.initializer(np.ascontiguousarray(C.T), "columns")]))
+            few = b.op("MatMul", [normalized, b.initializer(np.ascontiguousarray(C[keep_columns].T), "columns")])
+            corners.append(b.op("MatMul", [b.initializer(R[keep_rows], "rows"), few]))
+        sample = corners[0] if len(corners) == 1 else self.reduce(
+            "ReduceMean", b.op("Concat", [b.axes_op("Unsqueeze", c, [1]) for c in corners], axis=1), [1], 0)
+        low = self.reduce("ReduceMin", sample, [1, 2], 1)
+        top = b.op("Add", [self.reduce("ReduceMax", b.op("Sub", [sample, low]), [1, 2], 1),
+                           self.const(NORMALIZE_EPS)])
+        if len(layers) > 1:
+            top = b.op("Mul", [top, self.const(float(len(layers)))])
+        fused = None
+        for product, R in zip(products, rows):
+            scaled = b.op("Div", [b.op("Sub", [product, low]), top])
+            resized = b.op("MatMul", [b.initializer(R, "rows"), scaled])
+            fused = resized if fused is None else b.op("Add", [fused, resized])
+        # the reference's maps lie in [0, 1]; the moved shift and scale can round them an ulp outside
+        return b.op("Clip", [fused, self.const(0.0), self.const(1.0)])
 
     def resize_to(self, maps: str, size: str) -> str:
         """(N, h, w) → (N, H, W), bilinear with half-pixel centres; ``size`` = int64 [H, W]."""
@@ -183,6 +212,17 @@ class _Emitter:
         resized = b.op("Resize", [planes, empty, empty, sizes], mode="linear",
                        coordinate_transformation_mode="half_pixel")
         return b.axes_op("Squeeze", resized, [1])
+
+
+def _extreme_lines(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """The output lines (rows of the interpolation matrices, one matrix per layer) where the resized
+    maps' min and max lie. Group consecutive lines by the input lines they read in every layer: within
+    a group each layer's two-tap weights are affine in the line's position, so the mean of the resized
+    layers is too, and its extremes over the group are at the group's first or last line."""
+    reads = [tuple(tuple(np.flatnonzero(m[i])) for m in matrices) for i in range(matrices[0].shape[0])]
+    last = len(reads) - 1
+    return np.array([i for i in range(len(reads))
+                     if i in (0, last) or reads[i] != reads[i - 1] or reads[i] != reads[i + 1]], np.int64)
 
 
 def _constant_over_spatial(view: GraphView, name: str) -> bool:
@@ -277,22 +317,21 @@ def append_maps(proto: onnx.ModelProto, input_name: str, input_layout: str, logi
         first.append((A, G))
     layer_sizes = list(layer_sizes or [None] * len(first))
     outputs, layer_outputs = [], []
+    static = input_size is not None and all(s is not None for s in layer_sizes)
     for method in methods:
-        resized = []
+        layers = []
         for i, (A, G) in enumerate(first):
             layer = e.layer_map(method, A, G)        # ends in a ReLU: the reference's next one is a no-op
             layer_outputs.append(b.op("Identity", [layer], outputs=[b.reserve(layer_map_output(method, i))]))
-            if layer_sizes[i] is not None and input_size is not None:
-                resized.append(e.resize_static(e.normalize(layer), layer_sizes[i], input_size))
-            else:
-                resized.append(e.resize_to(e.normalize(layer), size))
+            layers.append(layer)
         # bilinear weights are non-negative: the resized maps are too, and the reference's ReLU is a no-op
-        if len(resized) == 1:
-            fused = resized[0]
+        if static:
+            final = e.fused_static(layers, layer_sizes, input_size)
         else:
-            stacked = b.op("Concat", [b.axes_op("Unsqueeze", r, [1]) for r in resized], axis=1)
-            fused = e.reduce("ReduceMean", stacked, [1], 0)
-        final = e.normalize(fused)
+            resized = [e.resize_to(e.normalize(layer), size) for layer in layers]
+            fused = resized[0] if len(resized) == 1 else e.reduce("ReduceMean", b.op(
+                "Concat", [b.axes_op("Unsqueeze", r, [1]) for r in resized], axis=1), [1], 0)
+            final = e.normalize(fused)
         outputs.append(b.op("Identity", [final], outputs=[b.reserve(maps_output(method))]))
     b.apply_to(proto)
     names = maps_output_names(logits, methods, activations, expose_activations)

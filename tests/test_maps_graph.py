@@ -38,6 +38,7 @@ def _compare(graph, numpy_engine, x, **options):
         for p, q in zip(a.layer_maps, b.layer_maps):
             np.testing.assert_allclose(p, q, rtol=0, atol=TOLERANCE * max(float(np.abs(q).max()), 1e-30))
         assert b.maps.max() > 0.99            # a real map, not the all-zero one
+        assert a.maps.min() >= 0 and a.maps.max() <= 1, method
     return ours
 
 
@@ -101,6 +102,26 @@ def test_interpolation_matrices_are_cv2_bilinear(source, target):
     ours = (interpolation_matrix(source[0], target[0], align_corners=False) @ maps
             @ interpolation_matrix(source[1], target[1], align_corners=False).T)
     np.testing.assert_allclose(ours, cv2.resize(maps, target[::-1]), rtol=0, atol=3e-7)
+
+
+@pytest.mark.parametrize("sources, target", [([(7, 7)], (224, 224)), ([(16, 16), (8, 8)], (64, 64)),
+                                             ([(7, 9), (3, 4)], (100, 37)), ([(30, 20)], (7, 9)),
+                                             ([(5, 5)], (5, 5)), ([(1, 1), (2, 3)], (10, 10))])
+def test_the_min_and_max_of_resized_maps_lie_on_the_extreme_lines(sources, target):
+    """The folded normalisation reads the fused maps' min and max on a few output rows and columns
+    only: over many random maps, these equal the min and max over every pixel."""
+    from onnxcam.maps_graph import _extreme_lines
+    from onnxcam.methods.interpolation import interpolation_matrix
+    rows = [interpolation_matrix(h, target[0], align_corners=False).astype(np.float64) for h, _ in sources]
+    columns = [interpolation_matrix(w, target[1], align_corners=False).astype(np.float64) for _, w in sources]
+    keep_rows, keep_columns = _extreme_lines(rows), _extreme_lines(columns)
+    if target[0] >= 10 * max(h for h, _ in sources):
+        assert len(keep_rows) < target[0] / 4          # a few lines, not all of them (7 -> 224: 16)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        fused = np.mean([R @ rng.random(source) @ C.T for R, C, source in zip(rows, columns, sources)], axis=0)
+        few = fused[np.ix_(keep_rows, keep_columns)]
+        np.testing.assert_allclose([few.min(), few.max()], [fused.min(), fused.max()], rtol=1e-12)
 
 
 def _with_head(kind: str):
